@@ -1,0 +1,46 @@
+"""Host adapters: stage-by-stage access to a VLM for the distillation engine."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from switchkd_plugin.adapters.base import MultimodalInputs, SpliceRules, VLMAdapter
+from switchkd_plugin.adapters.hf_llava import HFLlavaAdapter
+from switchkd_plugin.adapters.splice import splice_image_features
+from switchkd_plugin.adapters.tinyllava import TinyLlavaAdapter
+
+ADAPTERS: tuple[type[VLMAdapter], ...] = (TinyLlavaAdapter, HFLlavaAdapter)
+
+__all__ = [
+    "ADAPTERS",
+    "HFLlavaAdapter",
+    "MultimodalInputs",
+    "SpliceRules",
+    "TinyLlavaAdapter",
+    "VLMAdapter",
+    "adapter_for",
+    "splice_image_features",
+]
+
+
+def adapter_for(model: nn.Module) -> VLMAdapter:
+    """The adapter for ``model``'s class. A PEFT model is unwrapped to its base model (LoRA
+    layers are injected in place, so the base model's stages include them).
+
+    Raises TypeError, listing the supported classes, for any other model.
+    """
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    for adapter_class in ADAPTERS:
+        if adapter_class.supports(model):
+            return adapter_class(model)
+    supported = ", ".join(adapter_class.host_class_name for adapter_class in ADAPTERS)
+    hint = (
+        " (a DDP/DeepSpeed wrapper? pass the wrapped model, e.g. `.module`)"
+        if hasattr(model, "module")
+        else ""
+    )
+    raise TypeError(
+        f"no Switch-KD adapter for {type(model).__module__}.{type(model).__qualname__}{hint}; "
+        f"supported: {supported}"
+    )

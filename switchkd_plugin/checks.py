@@ -1,0 +1,91 @@
+"""Checks run before the first training step; each error names the fix."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .adapters import VLMAdapter
+
+logger = logging.getLogger(__name__)
+
+
+def check_teacher_path(path: str | None) -> Path:
+    """The teacher directory must exist and hold a saved model (`config.json`)."""
+    if not path:
+        raise ValueError("--teacher_model_path is required for --distill switchkd")
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"--teacher_model_path {path}: no such directory; point it at a saved teacher "
+            "checkpoint (the folder that save_pretrained / the Factory's recipe wrote)"
+        )
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--teacher_model_path {path} has no config.json, so it is not a loadable checkpoint; "
+            "point it at the folder that save_pretrained / the Factory's recipe wrote"
+        )
+    return directory
+
+
+def shared_vocab_size(
+    student_tokenizer, teacher_tokenizer, student_rows: int, teacher_rows: int
+) -> int:
+    """Columns of the logits the distillation compares: the one shared tokenizer vocabulary.
+
+    Tokenizers are compared token -> id, not by size. lm_heads padded to different sizes over
+    the same tokenizer (Qwen: 151936 vs 152064 rows) are fine: only the first `len(tokenizer)`
+    columns are compared, and that is logged once.
+    """
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student_vocab != teacher_vocab:
+        differing = sorted(
+            token
+            for token in set(student_vocab) | set(teacher_vocab)
+            if student_vocab.get(token) != teacher_vocab.get(token)
+        )
+        examples = ", ".join(
+            f"{token!r}: student {student_vocab.get(token)} / teacher {teacher_vocab.get(token)}"
+            for token in differing[:5]
+        )
+        raise ValueError(
+            f"teacher and student tokenizers differ on {len(differing)} tokens ({examples}); "
+            "Switch-KD compares logits token by token, so use a teacher trained with the "
+            "student's tokenizer (same model family)"
+        )
+    size = len(student_tokenizer)
+    if size > min(student_rows, teacher_rows):
+        raise ValueError(
+            f"the tokenizer has {size} tokens but the lm_heads have {student_rows} (student) and "
+            f"{teacher_rows} (teacher) rows; resize the token embeddings after adding tokens"
+        )
+    if student_rows != teacher_rows or student_rows != size:
+        logger.warning(
+            "Switch-KD: distilling over the shared tokenizer vocabulary of %d tokens "
+            "(student lm_head %d rows, teacher lm_head %d rows; padding rows are ignored)",
+            size,
+            student_rows,
+            teacher_rows,
+        )
+    return size
+
+
+def check_switch_widths(student: VLMAdapter, teacher: VLMAdapter, switch_point: str) -> None:
+    """The switch feeds student features into the teacher: their widths must match."""
+    if switch_point == "vision":
+        produced, expected = student.vision_output_width, teacher.connector_input_width
+        where = "the student's vision-encoder output", "the teacher's connector input"
+        fix = "use a student whose vision tower matches the teacher's (the paper shares it)"
+    else:
+        produced, expected = student.connector_output_width, teacher.lm_hidden_size
+        where = "the student's connector output", "the teacher's LM hidden size"
+        fix = "use --switch_point vision (the teacher's connector maps the student's features)"
+    if produced != expected:
+        raise ValueError(
+            f"--switch_point {switch_point}: {where[0]} has width {produced} but {where[1]} is "
+            f"{expected}; {fix}"
+        )
+
+
+def vision_is_trainable(student: VLMAdapter) -> bool:
+    return any(p.requires_grad for p in student.vision_module.parameters())

@@ -1,0 +1,109 @@
+"""Switch-KD's command-line arguments, parsed by `HfArgumentParser` beside the host's own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .losses.dbild import DIRECTIONS, DIVERGENCES, K_MODES
+
+TERM_LOSSES = ("dbild", "bild", "fkl", "rkl")
+SWITCH_POINTS = ("vision", "connector")
+TEACHER_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def _arg(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class SwitchKDArguments:
+    """Everything Switch-KD adds to a training run (`--help` prints each field's help)."""
+
+    distill: Literal["none", "switchkd"] = _arg(
+        "none", "Distillation strategy: 'none' trains exactly as the host does; 'switchkd'."
+    )
+    teacher_model_path: str | None = _arg(
+        None, "Teacher checkpoint directory (a saved model of the same family as the student)."
+    )
+    w_ce: float = _arg(1.0, "Weight of the student's cross-entropy on the response tokens.")
+    w_align: float = _arg(
+        1.0, "Weight of D(student, teacher) (0 skips the term; 0 with w_vsd=0 skips the teacher)."
+    )
+    w_vsd: float = _arg(
+        1.0, "Weight of the visual-switch term D(switch, teacher) (0 skips the switch pass)."
+    )
+    temperature: float = _arg(3.0, "Distillation temperature τ > 0 (both sides' logits / τ).")
+    align_loss: Literal["dbild", "bild", "fkl", "rkl"] = _arg(
+        "dbild",
+        "Divergence D of the align term: dbild (the DBiLD options below), bild (fixed top-8, "
+        "forward KL, both directions), fkl / rkl (full-vocabulary forward / reverse KL).",
+    )
+    vsd_loss: Literal["dbild", "bild", "fkl", "rkl"] = _arg(
+        "dbild", "Divergence D of the visual-switch term (same choices as --align_loss)."
+    )
+    k_mode: Literal["kneedle", "fixed"] = _arg(
+        "kneedle", "DBiLD top-k: 'kneedle' (dynamic k per token and side) or 'fixed' (--fixed_k)."
+    )
+    kneedle_window: int = _arg(
+        256, "DBiLD: top-N logits searched for the knee (<= 0: whole vocab)."
+    )
+    k_min: int = _arg(2, "DBiLD: smallest Kneedle k (>= 2; k = 2 contributes zero loss).")
+    k_max: int | None = _arg(None, "DBiLD: largest Kneedle k (default: the window).")
+    fixed_k: int = _arg(8, "DBiLD: k of both branches when --k_mode fixed.")
+    divergence: Literal["rkl", "fkl"] = _arg(
+        "rkl", "DBiLD: 'rkl' = KL(student side || teacher side), 'fkl' the other way."
+    )
+    directions: Literal["both", "teacher", "student"] = _arg(
+        "both", "DBiLD: teacher-led + student-led branches, or one of them."
+    )
+    switch_point: Literal["vision", "connector"] = _arg(
+        "vision",
+        "Where the switch enters the teacher: 'vision' (student vision-encoder output -> teacher "
+        "connector, as in the paper) or 'connector' (student connector output -> teacher LM; "
+        "needs equal widths).",
+    )
+    lm_head_chunk_size: int = _arg(
+        1024,
+        "Response rows per lm_head chunk; with several chunks each chunk's logits are recomputed "
+        "in backward instead of kept (0: one chunk, fastest, most memory).",
+    )
+    teacher_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _arg(
+        "auto", "Teacher weights dtype; 'auto' follows the training precision (--bf16 / --fp16)."
+    )
+    teacher_attn_implementation: str | None = _arg(
+        None, "Teacher attention: eager | sdpa | flash_attention_2 (default: as the student)."
+    )
+    teacher_gradient_checkpointing: bool = _arg(
+        False, "Recompute the teacher decoder in backward for the switch pass (saves memory)."
+    )
+
+    def __post_init__(self) -> None:
+        for name, valid in (
+            ("distill", ("none", "switchkd")),
+            ("align_loss", TERM_LOSSES),
+            ("vsd_loss", TERM_LOSSES),
+            ("k_mode", K_MODES),
+            ("divergence", DIVERGENCES),
+            ("directions", DIRECTIONS),
+            ("switch_point", SWITCH_POINTS),
+            ("teacher_dtype", TEACHER_DTYPES),
+        ):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"--{name} {getattr(self, name)!r}: choose one of {valid}")
+        for name in ("w_ce", "w_align", "w_vsd"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.lm_head_chunk_size < 0:
+            raise ValueError(f"--lm_head_chunk_size must be >= 0, got {self.lm_head_chunk_size}")
+        if self.distill == "switchkd" and self.needs_teacher and not self.teacher_model_path:
+            raise ValueError(
+                "--distill switchkd needs --teacher_model_path DIR (a saved teacher checkpoint), "
+                "or --w_align 0 --w_vsd 0 for plain SFT"
+            )
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.w_align > 0 or self.w_vsd > 0

@@ -1,0 +1,51 @@
+"""Load and freeze the teacher: it belongs to the trainer, never to the student model."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import transformers
+from packaging import version
+from torch import nn
+
+from .checks import check_teacher_path
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_KWARG = (
+    "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
+)
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def teacher_dtype(name: str, *, bf16: bool, fp16: bool) -> torch.dtype:
+    """`auto` follows the training precision; otherwise the named dtype."""
+    if name == "auto":
+        return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    return _DTYPES[name]
+
+
+def load_teacher(
+    path: str, model_class: type, dtype: torch.dtype, attn_implementation: str | None
+) -> nn.Module:
+    """`model_class.from_pretrained(path)` (the student's class: the teacher is of its family)."""
+    directory = check_teacher_path(path)
+    kwargs: dict = {_DTYPE_KWARG: dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    logger.info("Switch-KD: loading the teacher %s from %s", model_class.__name__, directory)
+    try:
+        return model_class.from_pretrained(str(directory), **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--teacher_model_path {path}: could not load a {model_class.__name__} from it "
+            f"({error}); the teacher must be a saved checkpoint of the student's model family"
+        ) from error
+
+
+def freeze(teacher: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """Eval mode, no parameter requires grad, on the training device in the given dtype."""
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher.to(device=device, dtype=dtype)

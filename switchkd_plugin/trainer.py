@@ -1,0 +1,254 @@
+"""`SwitchKDTrainer`: a `transformers.Trainer` whose `compute_loss` is the Switch-KD objective.
+
+The behaviour lives in `SwitchKDTrainerMixin`, so it can sit on top of any Trainer subclass:
+`SwitchKDTrainer` for plain transformers, `switchkd_trainer_class(LLaVATrainer)` for TinyLLaVA
+Factory (whose sampler and optimizer parameter groups then still apply).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from itertools import islice
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+from .adapters import VLMAdapter, adapter_for
+from .checks import check_switch_widths, shared_vocab_size, vision_is_trainable
+from .config import SwitchKDArguments
+from .engine import IGNORE_INDEX, StepTerms, SwitchKDEngine
+from .teacher import freeze, load_teacher, teacher_dtype
+
+logger = logging.getLogger(__name__)
+
+# transformers >= 4.46 counts the response tokens of a whole gradient-accumulation window and
+# passes them to compute_loss; older releases do not, and divide every micro-batch loss by the
+# number of accumulation steps instead.
+TRAINER_PASSES_NUM_ITEMS = (
+    "num_items_in_batch" in inspect.signature(transformers.Trainer.training_step).parameters
+)
+WINDOW_ITEMS_KEY = "switchkd_window_items"
+
+
+class _WindowCountingLoader:
+    """Wraps a train dataloader (transformers < 4.46) to tag each batch with the number of
+    supervised tokens in its gradient-accumulation window, as newer Trainers compute."""
+
+    def __init__(self, loader, window: int) -> None:
+        self.loader, self.window = loader, window
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = iter(self.loader)
+        while window := list(islice(batches, self.window)):
+            items = sum(int((batch["labels"][..., 1:] != IGNORE_INDEX).sum()) for batch in window)
+            for batch in window:
+                batch[WINDOW_ITEMS_KEY] = items
+                yield batch
+
+
+class _TermLog:
+    """Per-term sums between two logging steps, reported as token means."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+
+    def add(self, terms: StepTerms, weights: tuple[float, float, float]) -> None:
+        s = self.sums
+        s["response_tokens"] += terms.response_tokens
+        s["distilled_tokens"] += terms.distilled_tokens
+        s["ce"] += terms.ce.item()
+        for name, value in (("align", terms.align), ("vsd", terms.vsd)):
+            if value is not None:
+                s[name] += value.item()
+        s["total"] += weights[0] * terms.ce.item() + sum(
+            w * v.item()
+            for w, v in zip(weights[1:], (terms.align, terms.vsd), strict=True)
+            if v is not None
+        )
+        for name, stats in terms.k_stats.items():
+            if stats is None:
+                continue
+            for side, k in (("teacher", stats.teacher_k), ("student", stats.student_k)):
+                if k is not None and k.numel():
+                    s[f"{name}_k_{side}_sum"] += k.sum().item()
+                    s[f"{name}_k_{side}_rows"] += k.numel()
+                    s[f"{name}_k_{side}_at_min"] += (k == stats.k_min).sum().item()
+
+    def pop(self) -> dict[str, float]:
+        s, self.sums = self.sums, defaultdict(float)
+        if not s:
+            return {}
+        tokens, distilled = max(s["response_tokens"], 1), max(s["distilled_tokens"], 1)
+        logs = {"ce": s["ce"] / tokens, "total": s["total"] / tokens}
+        logs.update({name: s[name] / distilled for name in ("align", "vsd") if name in s})
+        logs["distilled_tokens"] = s["distilled_tokens"]
+        for key in [k for k in s if k.endswith("_rows")]:
+            prefix, rows = key[: -len("_rows")], s[key]
+            logs[f"{prefix}_mean"] = s[f"{prefix}_sum"] / rows
+            logs[f"{prefix}_at_min"] = s[f"{prefix}_at_min"] / rows
+        return logs
+
+
+class SwitchKDTrainerMixin:
+    """Switch-KD on top of a `transformers.Trainer` subclass.
+
+    Extra keyword arguments:
+        switchkd_args: the `SwitchKDArguments` (`distill="none"` leaves the host trainer as is).
+        teacher_model: an already loaded teacher; by default it is loaded from
+            `switchkd_args.teacher_model_path` with the student's class.
+        teacher_tokenizer: the teacher's tokenizer; by default the teacher's own `.tokenizer`
+            (TinyLLaVA) or the one saved beside its weights.
+
+    The teacher is frozen, in eval mode, and kept on the trainer: it is never a submodule of
+    the student, never saved with it, never handed to the optimizer.
+    """
+
+    def __init__(
+        self,
+        *args,
+        switchkd_args: SwitchKDArguments | None = None,
+        teacher_model: nn.Module | None = None,
+        teacher_tokenizer=None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.switchkd_args = switchkd_args or SwitchKDArguments()
+        self.teacher: nn.Module | None = None
+        self._engine: SwitchKDEngine | None = None
+        self._term_log = _TermLog()
+        if self.switchkd_args.distill == "switchkd":
+            self._engine = self._build_engine(teacher_model, teacher_tokenizer)
+            # Our loss is already normalised over the accumulation window: newer Trainers must
+            # neither divide it by the accumulation steps nor skip counting the window's tokens.
+            self.model_accepts_loss_kwargs = True
+            if hasattr(self, "loss_is_scaled_for_ga"):
+                self.loss_is_scaled_for_ga = True
+
+    # ------------------------------------------------------------------------------ set-up
+
+    def _student_tokenizer(self):
+        tokenizer = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds a tokenizer
+        if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+            raise ValueError(
+                "Switch-KD compares the teacher's and student's tokenizers: pass the student's "
+                "tokenizer to the trainer (tokenizer= / processing_class=)"
+            )
+        return tokenizer
+
+    def _build_engine(self, teacher: nn.Module | None, teacher_tokenizer) -> SwitchKDEngine:
+        args = self.switchkd_args
+        student = adapter_for(self.model)
+        teacher_adapter: VLMAdapter | None = None
+        vocab = student.lm_head.weight.shape[0]
+        if args.needs_teacher:
+            dtype = teacher_dtype(args.teacher_dtype, bf16=self.args.bf16, fp16=self.args.fp16)
+            if teacher is None:
+                attn = args.teacher_attn_implementation or getattr(
+                    student.model.config, "_attn_implementation", None
+                )
+                teacher = load_teacher(args.teacher_model_path, type(student.model), dtype, attn)
+            self.teacher = freeze(teacher, self.args.device, dtype)
+            teacher_adapter = adapter_for(self.teacher)
+            if teacher_tokenizer is None:
+                teacher_tokenizer = getattr(self.teacher, "tokenizer", None)
+            if teacher_tokenizer is None:
+                teacher_tokenizer = transformers.AutoTokenizer.from_pretrained(
+                    args.teacher_model_path
+                )
+            vocab = shared_vocab_size(
+                self._student_tokenizer(),
+                teacher_tokenizer,
+                student.lm_head.weight.shape[0],
+                teacher_adapter.lm_head.weight.shape[0],
+            )
+        run_switch = args.w_vsd > 0 and teacher_adapter is not None
+        if run_switch:
+            check_switch_widths(student, teacher_adapter, args.switch_point)
+            if not vision_is_trainable(student):
+                logger.warning(
+                    "Switch-KD: --w_vsd %s but the student's vision encoder has no trainable "
+                    "parameter, so the switch term cannot teach anything; skipping the switch "
+                    "pass (unfreeze the vision tower, e.g. --tune_type_vision_tower full)",
+                    args.w_vsd,
+                )
+                run_switch = False
+        return SwitchKDEngine(student, teacher_adapter, args, vocab, run_switch)
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        if self._engine is not None and not TRAINER_PASSES_NUM_ITEMS:
+            return _WindowCountingLoader(loader, self.args.gradient_accumulation_steps)
+        return loader
+
+    # ------------------------------------------------------------------------------- loss
+
+    def _run_engine(self, model: nn.Module, batch: dict) -> StepTerms:
+        """Run the engine through `model`'s wrapper (DDP / DeepSpeed) so its forward hooks and
+        gradient bookkeeping see the student computation."""
+        inner = self.accelerator.unwrap_model(model)
+        if inner is model:
+            return self._engine(batch)
+        inner.forward = lambda b: (lambda t: (t.loss, t))(self._engine(b))
+        try:
+            return model(batch)[1]
+        finally:
+            del inner.forward
+
+    def _normaliser(self, num_items_in_batch, window_items, terms: StepTerms) -> Tensor:
+        """The number of response tokens the loss is averaged over: the whole accumulation
+        window on every data-parallel rank."""
+        already_global = num_items_in_batch is not None and bool(
+            getattr(self.args, "average_tokens_across_devices", False)
+        )
+        if num_items_in_batch is not None:
+            count = num_items_in_batch
+        elif window_items is not None:
+            count = window_items
+        else:  # e.g. resumed mid-epoch on transformers < 4.46: the micro-batch stands in
+            count = terms.response_tokens * self.args.gradient_accumulation_steps
+        count = torch.as_tensor(count, device=self.args.device, dtype=torch.float32)
+        if self.args.world_size > 1 and not already_global:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return count.clamp(min=1)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._engine is None:
+            extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **extra)
+        window_items = inputs.pop(WINDOW_ITEMS_KEY, None)
+        terms = self._run_engine(model, inputs)
+        # Gradients are averaged over ranks (x world size) and, before 4.46, every micro-batch
+        # loss is divided by the accumulation steps (x steps): what remains is sum / tokens.
+        scale = self.args.world_size
+        if not TRAINER_PASSES_NUM_ITEMS:
+            scale *= self.args.gradient_accumulation_steps
+        loss = terms.loss / self._normaliser(num_items_in_batch, window_items, terms) * scale
+        if model.training:
+            args = self.switchkd_args
+            self._term_log.add(terms, (args.w_ce, args.w_align, args.w_vsd))
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:  # a training log: add the per-term means since the last one
+            logs.update(self._term_log.pop())
+        super().log(logs, *args, **kwargs)
+
+
+class SwitchKDTrainer(SwitchKDTrainerMixin, transformers.Trainer):
+    """Switch-KD on the plain `transformers.Trainer`."""
+
+
+def switchkd_trainer_class(base: type[transformers.Trainer]) -> type[transformers.Trainer]:
+    """Switch-KD on top of any Trainer subclass, e.g. TinyLLaVA Factory's `LLaVATrainer`."""
+    return type(f"SwitchKD{base.__name__}", (SwitchKDTrainerMixin, base), {})

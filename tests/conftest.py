@@ -1,0 +1,71 @@
+"""Shared fixtures: the tiny tokenizer and tiny teacher/student models of both hosts.
+
+Everything is built offline from configs (random weights, fixed seeds), once per session.
+TinyLLaVA fixtures skip, with the reason, where TinyLLaVA Factory cannot be imported (not on
+PYTHONPATH, or a transformers release it does not support, such as 5.x).
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+import transformers
+from torch import nn
+
+from switchkd_plugin.factory_compat import import_tinyllava
+from switchkd_plugin.testing import build_hf_llava, build_tinyllava, build_tokenizer
+from switchkd_plugin.testing import student_spec as _student_spec
+from switchkd_plugin.testing import teacher_spec as _teacher_spec
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerBase:
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def hf_student(tiny_tokenizer: transformers.PreTrainedTokenizerBase) -> nn.Module:
+    return build_hf_llava(_student_spec(), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def hf_teacher(tiny_tokenizer: transformers.PreTrainedTokenizerBase) -> nn.Module:
+    return build_hf_llava(_teacher_spec(), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tinyllava_factory() -> types.ModuleType:
+    try:
+        return import_tinyllava()
+    except Exception as exc:  # not on the path, or unsupported transformers: both mean "absent"
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        pytest.skip(
+            f"TinyLLaVA Factory not importable ({type(exc).__name__}: {first_line}); put its "
+            f"checkout on PYTHONPATH under transformers 4.40.1-4.52 "
+            f"(installed: {transformers.__version__})"
+        )
+
+
+@pytest.fixture(scope="session")
+def factory_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("factory_models")
+
+
+@pytest.fixture(scope="session")
+def tinyllava_student(
+    tinyllava_factory: types.ModuleType,
+    tiny_tokenizer: transformers.PreTrainedTokenizerBase,
+    factory_workdir: Path,
+) -> nn.Module:
+    return build_tinyllava(_student_spec(), tiny_tokenizer, factory_workdir)
+
+
+@pytest.fixture(scope="session")
+def tinyllava_teacher(
+    tinyllava_factory: types.ModuleType,
+    tiny_tokenizer: transformers.PreTrainedTokenizerBase,
+    factory_workdir: Path,
+) -> nn.Module:
+    return build_tinyllava(_teacher_spec(), tiny_tokenizer, factory_workdir)
