@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +17,13 @@ from switchkd_plugin.adapters import (
     adapter_for,
     splice_image_features,
 )
-from switchkd_plugin.testing import IGNORE_INDEX, build_hf_llava, make_batch, student_spec
+from switchkd_plugin.testing import (
+    IGNORE_INDEX,
+    build_hf_llava,
+    hf_image_token_conventions,
+    make_batch,
+    student_spec,
+)
 
 
 def _shifted_ce(logits: Tensor, labels: Tensor) -> Tensor:
@@ -72,17 +76,8 @@ def _assert_reproduces_host(model: nn.Module, batch: dict[str, Tensor]) -> None:
     model.zero_grad()
 
 
-def _hf_conventions(model: nn.Module) -> set[str]:
-    """Image-token conventions the installed transformers' LLaVA forward accepts."""
-    if not hasattr(model, "_merge_input_ids_with_image_features"):
-        return {"expanded"}  # >= 4.48: placeholders must already match the feature count
-    if "legacy_processing" in inspect.getsource(type(model).forward):
-        return {"single", "expanded"}  # 4.45-4.47 accept both
-    return {"single"}  # <= 4.44: each image token is expanded by the model
-
-
 def _hf_batch(model: nn.Module, tokenizer, convention: str, **kwargs) -> dict[str, Tensor]:
-    if convention not in _hf_conventions(model):
+    if convention not in hf_image_token_conventions(model):
         pytest.skip(
             f"transformers {transformers.__version__} LLaVA does not accept the {convention!r} "
             "image-token convention"
@@ -255,7 +250,7 @@ def test_adapter_for_unwraps_peft(tiny_tokenizer) -> None:
     peft_model = peft.get_peft_model(model, lora)
     adapter = adapter_for(peft_model)
     assert adapter.model is peft_model.get_base_model()
-    batch = _hf_batch(model, tiny_tokenizer, next(iter(sorted(_hf_conventions(model)))))
+    batch = _hf_batch(model, tiny_tokenizer, next(iter(sorted(hf_image_token_conventions(model)))))
     with torch.no_grad():
         logits, labels = _adapter_logits(adapter, batch)
         expected = peft_model(**batch).logits
@@ -280,7 +275,7 @@ def test_widths_allow_the_visual_switch(
     assert (teacher.connector_output_width, teacher.lm_hidden_size) == (96, 96)
 
     batch = make_batch(tiny_tokenizer, host, n=2)
-    if host == "hf_llava" and "single" not in _hf_conventions(student.model):
+    if host == "hf_llava" and "single" not in hf_image_token_conventions(student.model):
         batch = make_batch(tiny_tokenizer, host, n=2, image_tokens_per_image=16)
     student.model.zero_grad()
     features = teacher.project(student.encode_vision(batch[student.images_key]))

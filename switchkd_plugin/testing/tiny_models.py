@@ -16,6 +16,7 @@ Two hosts are covered:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import os
 import random
@@ -464,3 +465,29 @@ def make_batch(
         "labels": _pad([labels for _, labels in samples], IGNORE_INDEX, padding_side),
         images_key: torch.randn(n, 3, image_size, image_size, generator=generator),
     }
+
+
+def hf_image_token_conventions(model: nn.Module) -> set[str]:
+    """Image-token conventions the installed transformers' LLaVA forward accepts."""
+    if not hasattr(model, "_merge_input_ids_with_image_features"):
+        return {"expanded"}  # >= 4.48: placeholders must already match the feature count
+    if "legacy_processing" in inspect.getsource(type(model).forward):
+        return {"single", "expanded"}  # 4.45-4.47 accept both
+    return {"single"}  # <= 4.44: each image token is expanded by the model
+
+
+def make_host_batch(
+    model: nn.Module, tokenizer: transformers.PreTrainedTokenizerBase, n: int = 2, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """`make_batch` for `model`'s host, in an image-token convention its forward accepts."""
+    from switchkd_plugin.adapters import HFLlavaAdapter, adapter_for
+
+    adapter = adapter_for(model)
+    if not isinstance(adapter, HFLlavaAdapter):
+        return make_batch(tokenizer, "tinyllava", n=n, seed=seed)
+    size, tokens = model.config.vision_config.image_size, 1
+    if "expanded" in hf_image_token_conventions(model):
+        tokens = adapter.encode_vision(torch.zeros(1, 3, size, size)).shape[1]
+    return make_batch(
+        tokenizer, "hf_llava", n=n, seed=seed, image_size=size, image_tokens_per_image=tokens
+    )

@@ -1,0 +1,201 @@
+"""The Switch-KD engine on real tiny VLMs: SFT parity, gradient routing, chunking, alignment."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from switchkd_plugin.adapters import HFLlavaAdapter, VLMAdapter, adapter_for
+from switchkd_plugin.config import SwitchKDArguments
+from switchkd_plugin.engine import SwitchKDEngine
+from switchkd_plugin.losses import dbild_loss
+from switchkd_plugin.testing import (
+    IGNORE_INDEX,
+    build_hf_llava,
+    build_tinyllava,
+    make_host_batch,
+    student_spec,
+    teacher_spec,
+)
+
+HOSTS = ["hf_llava", "tinyllava"]
+
+
+@pytest.fixture(params=HOSTS)
+def models(request) -> tuple[nn.Module, nn.Module]:
+    """(student, teacher) of one host; fresh copies, so tests may train or edit them."""
+    prefix = "hf" if request.param == "hf_llava" else "tinyllava"
+    student = request.getfixturevalue(f"{prefix}_student")
+    teacher = request.getfixturevalue(f"{prefix}_teacher")
+    return copy.deepcopy(student).train(), copy.deepcopy(teacher).requires_grad_(False).eval()
+
+
+def _args(**overrides) -> SwitchKDArguments:
+    return SwitchKDArguments(distill="switchkd", teacher_model_path="unused", **overrides)
+
+
+def _engine(student, teacher, vocab: int, **overrides) -> SwitchKDEngine:
+    args = _args(**overrides)
+    teacher_adapter = adapter_for(teacher) if args.needs_teacher else None
+    return SwitchKDEngine(adapter_for(student), teacher_adapter, args, vocab, run_switch=True)
+
+
+def _grads(model: nn.Module) -> dict[str, Tensor | None]:
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _full_logits_rows(adapter: VLMAdapter, batch, image_embeds: Tensor) -> tuple[Tensor, Tensor]:
+    """Slow reference: full `[B, S, V]` logits of one pathway, then its supervised rows."""
+    inputs = adapter.build_inputs(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], image_embeds
+    )
+    logits = adapter.lm_head(adapter.decode(inputs))
+    supervised = inputs.labels[:, 1:] != IGNORE_INDEX
+    return logits[:, :-1][supervised], inputs.labels[:, 1:][supervised]
+
+
+def test_zero_distillation_weights_give_plain_sft(models, tiny_tokenizer):
+    student, teacher = models
+    batch = make_host_batch(student, tiny_tokenizer, n=3)
+    student.zero_grad()
+    host_loss = student(**batch).loss
+    host_loss.backward()
+    host_grads = _grads(student)
+
+    for teacher_or_none in (teacher, None):  # weights 0 skip the teacher even when one is given
+        engine = _engine(
+            student, teacher_or_none or teacher, len(tiny_tokenizer), w_align=0.0, w_vsd=0.0
+        )
+        assert engine.teacher is None or not (engine.run_align or engine.run_switch)
+        student.zero_grad()
+        terms = engine(batch)
+        loss = terms.loss / terms.response_tokens
+        loss.backward()
+        torch.testing.assert_close(loss, host_loss, rtol=1e-6, atol=1e-6)
+        for name, grad in _grads(student).items():
+            if host_grads[name] is None:
+                assert grad is None or grad.abs().max() == 0, name
+            else:
+                torch.testing.assert_close(grad, host_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+        assert terms.align is None and terms.vsd is None and terms.distilled_tokens == 0
+
+
+def test_vsd_gradient_reaches_only_the_student_vision_encoder(models, tiny_tokenizer):
+    student, teacher = models
+    engine = _engine(student, teacher, len(tiny_tokenizer), w_ce=0.0, w_align=0.0, w_vsd=1.0)
+    student.zero_grad()
+    terms = engine(make_host_batch(student, tiny_tokenizer, n=2))
+    assert terms.vsd.item() > 0 and terms.loss.item() == pytest.approx(terms.vsd.item())
+    terms.loss.backward()
+    vision = {id(p) for p in adapter_for(student).vision_module.parameters()}
+    reached_vision = False
+    for name, param in student.named_parameters():
+        touched = param.grad is not None and param.grad.abs().max() > 0
+        if id(param) in vision:
+            reached_vision |= touched
+        else:
+            assert not touched, f"the switch term reached {name} outside the vision encoder"
+    assert reached_vision
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def _wide_student(student: nn.Module, tokenizer, request) -> nn.Module:
+    """A student of the same host whose LM width equals the teacher's (connector switching)."""
+    spec = student_spec(name="student-wide", hidden_size=teacher_spec().hidden_size)
+    if isinstance(adapter_for(student), HFLlavaAdapter):
+        return build_hf_llava(spec, tokenizer)
+    return build_tinyllava(spec, tokenizer, request.getfixturevalue("factory_workdir"))
+
+
+@pytest.mark.parametrize("switch_point", ["vision", "connector"])
+def test_engine_equals_full_logits_reference(models, tiny_tokenizer, switch_point, request):
+    """Chunked response-only logits give the loss and gradients of full logits at those rows."""
+    student, teacher = models
+    if switch_point == "connector":
+        student = _wide_student(student, tiny_tokenizer, request)
+    s, t = adapter_for(student), adapter_for(teacher)
+    batch = make_host_batch(student, tiny_tokenizer, n=3, seed=4)
+    vocab = len(tiny_tokenizer)
+    tau = 2.0
+
+    student.zero_grad()
+    features = s.encode_vision(batch[s.images_key])
+    s_embeds = s.project(features)
+    s_logits, targets = _full_logits_rows(s, batch, s_embeds)
+    with torch.no_grad():
+        t_embeds = t.project(t.encode_vision(batch[s.images_key]))
+        t_logits, t_targets = _full_logits_rows(t, batch, t_embeds)
+    switch_embeds = t.project(features) if switch_point == "vision" else s_embeds
+    w_logits, w_targets = _full_logits_rows(t, batch, switch_embeds)
+    assert torch.equal(targets, t_targets) and torch.equal(targets, w_targets)
+    reference = (
+        F.cross_entropy(s_logits, targets, reduction="sum")
+        + 0.5
+        * dbild_loss(s_logits[:, :vocab], t_logits[:, :vocab], temperature=tau, reduction="sum")
+        + 2.0
+        * dbild_loss(w_logits[:, :vocab], t_logits[:, :vocab], temperature=tau, reduction="sum")
+    )
+    reference.backward()
+    reference_grads = _grads(student)
+
+    for chunk in (0, 1, 4):
+        student.zero_grad()
+        engine = _engine(
+            student,
+            teacher,
+            vocab,
+            w_align=0.5,
+            w_vsd=2.0,
+            temperature=tau,
+            lm_head_chunk_size=chunk,
+            switch_point=switch_point,
+        )
+        terms = engine(batch)
+        terms.loss.backward()
+        torch.testing.assert_close(terms.loss, reference, rtol=1e-5, atol=1e-5)
+        assert terms.response_tokens == terms.distilled_tokens == targets.numel()
+        for name, grad in _grads(student).items():
+            expected = reference_grads[name]
+            if expected is None:
+                assert grad is None or grad.abs().max() == 0, name
+            else:
+                torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_pathways_with_different_image_token_counts_align_by_labels(hf_student, tiny_tokenizer):
+    """A teacher whose vision selection drops one patch emits 15 image tokens, the student 16:
+    the same text token sits at different positions, and rows still pair up by label."""
+    student = copy.deepcopy(hf_student)
+    teacher = build_hf_llava(teacher_spec(), tiny_tokenizer, select_strategy="default").eval()
+    teacher.requires_grad_(False)
+    s, t = adapter_for(student), adapter_for(teacher)
+    batch = make_host_batch(student, tiny_tokenizer, n=2, seed=5)
+    images = batch[s.images_key]
+    s_count, t_count = s.encode_vision(images).shape[1], t.encode_vision(images).shape[1]
+    assert s_count == t_count + 1
+    vocab = len(tiny_tokenizer)
+
+    s_logits, targets = _full_logits_rows(s, batch, s.project(s.encode_vision(images)))
+    with torch.no_grad():
+        t_logits, t_targets = _full_logits_rows(t, batch, t.project(t.encode_vision(images)))
+    assert torch.equal(targets, t_targets)
+    expected = dbild_loss(s_logits[:, :vocab], t_logits[:, :vocab], reduction="sum")
+    terms = _engine(student, teacher, vocab, w_ce=0.0, w_vsd=0.0)(batch)
+    torch.testing.assert_close(terms.align, expected.detach(), rtol=1e-5, atol=1e-6)
+    # Pairing raw positions instead of labels would compare shifted tokens: a different loss.
+    misaligned = dbild_loss(s_logits[1:, :vocab], t_logits[:-1, :vocab], reduction="sum")
+    assert not torch.isclose(misaligned, expected)
+
+
+def test_batch_without_response_tokens_gives_zero_terms(models, tiny_tokenizer):
+    student, teacher = models
+    batch = make_host_batch(student, tiny_tokenizer, n=2)
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    terms = _engine(student, teacher, len(tiny_tokenizer))(batch)
+    assert terms.loss.item() == 0.0 and terms.response_tokens == 0
+    terms.loss.backward()  # still connected: training goes on
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
