@@ -18,7 +18,12 @@ import transformers
 from torch import Tensor, nn
 
 from .adapters import VLMAdapter, adapter_for
-from .checks import check_switch_widths, shared_vocab_size, vision_is_trainable
+from .checks import (
+    check_switch_widths,
+    check_teacher_path,
+    shared_vocab_size,
+    vision_is_trainable,
+)
 from .config import SwitchKDArguments
 from .engine import IGNORE_INDEX, StepTerms, SwitchKDEngine
 from .teacher import freeze, load_teacher, teacher_dtype
@@ -146,6 +151,20 @@ class SwitchKDTrainerMixin:
             )
         return tokenizer
 
+    def _teacher_tokenizer(self):
+        """The teacher's own (TinyLLaVA keeps it on the model), else the one saved beside it."""
+        tokenizer = getattr(self.teacher, "tokenizer", None)
+        if tokenizer is not None:
+            return tokenizer
+        path = self.switchkd_args.teacher_model_path
+        try:
+            return transformers.AutoTokenizer.from_pretrained(check_teacher_path(path))
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"no tokenizer found for the teacher at {path} ({error}); save the teacher's "
+                "tokenizer beside its weights, or pass teacher_tokenizer= to the trainer"
+            ) from error
+
     def _build_engine(self, teacher: nn.Module | None, teacher_tokenizer) -> SwitchKDEngine:
         args = self.switchkd_args
         student = adapter_for(self.model)
@@ -160,15 +179,9 @@ class SwitchKDTrainerMixin:
                 teacher = load_teacher(args.teacher_model_path, type(student.model), dtype, attn)
             self.teacher = freeze(teacher, self.args.device, dtype)
             teacher_adapter = adapter_for(self.teacher)
-            if teacher_tokenizer is None:
-                teacher_tokenizer = getattr(self.teacher, "tokenizer", None)
-            if teacher_tokenizer is None:
-                teacher_tokenizer = transformers.AutoTokenizer.from_pretrained(
-                    args.teacher_model_path
-                )
             vocab = shared_vocab_size(
                 self._student_tokenizer(),
-                teacher_tokenizer,
+                teacher_tokenizer or self._teacher_tokenizer(),
                 student.lm_head.weight.shape[0],
                 teacher_adapter.lm_head.weight.shape[0],
             )

@@ -7,6 +7,12 @@ PYTHONPATH, or a transformers release it does not support, such as 5.x).
 
 from __future__ import annotations
 
+import os
+
+# Everything is built offline: never let a typo turn into a model-hub request.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import copy
 import types
 from pathlib import Path
 
@@ -69,3 +75,12 @@ def tinyllava_teacher(
     factory_workdir: Path,
 ) -> nn.Module:
     return build_tinyllava(_teacher_spec(), tiny_tokenizer, factory_workdir)
+
+
+@pytest.fixture(params=["hf_llava", "tinyllava"])
+def models(request: pytest.FixtureRequest) -> tuple[nn.Module, nn.Module]:
+    """(student, teacher) of one host: fresh copies (tests may train them), teacher frozen."""
+    prefix = "hf" if request.param == "hf_llava" else "tinyllava"
+    student = request.getfixturevalue(f"{prefix}_student")
+    teacher = request.getfixturevalue(f"{prefix}_teacher")
+    return copy.deepcopy(student).train(), copy.deepcopy(teacher).requires_grad_(False).eval()

@@ -22,17 +22,6 @@ from switchkd_plugin.testing import (
     teacher_spec,
 )
 
-HOSTS = ["hf_llava", "tinyllava"]
-
-
-@pytest.fixture(params=HOSTS)
-def models(request) -> tuple[nn.Module, nn.Module]:
-    """(student, teacher) of one host; fresh copies, so tests may train or edit them."""
-    prefix = "hf" if request.param == "hf_llava" else "tinyllava"
-    student = request.getfixturevalue(f"{prefix}_student")
-    teacher = request.getfixturevalue(f"{prefix}_teacher")
-    return copy.deepcopy(student).train(), copy.deepcopy(teacher).requires_grad_(False).eval()
-
 
 def _args(**overrides) -> SwitchKDArguments:
     return SwitchKDArguments(distill="switchkd", teacher_model_path="unused", **overrides)

@@ -1,0 +1,49 @@
+"""One rank of the data-parallel normaliser test (run by tests/test_trainer_dp.py via torchrun).
+
+Every rank builds the same tiny student and teacher, takes its share of two micro-batches with
+different response-token counts, and trains one SGD step; rank 0 saves the weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from switchkd_plugin.testing import (
+    build_hf_llava,
+    build_tokenizer,
+    make_host_batch,
+    student_spec,
+    teacher_spec,
+)
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_trainer import _split, _trainer
+
+
+def main(out_dir: str, world_micro_batches: str) -> None:
+    tokenizer = build_tokenizer()
+    student = build_hf_llava(student_spec(), tokenizer).train()
+    teacher = build_hf_llava(teacher_spec(), tokenizer).requires_grad_(False).eval()
+    batch = make_host_batch(student, tokenizer, n=4, seed=7)
+    micro = _split(batch, (1, 3))
+    accumulation = 2 if world_micro_batches == "accumulate" else 1
+    trainer = _trainer(
+        student,
+        tokenizer,
+        micro,
+        out_dir,
+        teacher=teacher,
+        training={"gradient_accumulation_steps": accumulation, "ddp_backend": "gloo"},
+    )
+    trainer.train()
+    if trainer.args.process_index == 0:
+        torch.save(trainer.model.state_dict(), os.path.join(out_dir, "weights.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

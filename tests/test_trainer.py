@@ -1,0 +1,364 @@
+"""SwitchKDTrainer through the real Hugging Face Trainer, on real tiny VLMs."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+
+import pytest
+import torch
+import transformers
+from torch.utils.data import Dataset
+
+from switchkd_plugin.adapters import adapter_for
+from switchkd_plugin.config import SwitchKDArguments
+from switchkd_plugin.testing import (
+    IGNORE_INDEX,
+    build_hf_llava,
+    build_tokenizer,
+    make_host_batch,
+    student_spec,
+    teacher_spec,
+)
+from switchkd_plugin.trainer import SwitchKDTrainer
+
+TOKENIZER_KWARG = (
+    "processing_class"
+    if "processing_class" in inspect.signature(transformers.Trainer.__init__).parameters
+    else "tokenizer"
+)
+
+
+class _Batches(Dataset):
+    """Pre-collated batches served one per step (per_device_train_batch_size=1)."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict:
+        return {key: value.clone() for key, value in self.batches[index].items()}
+
+
+def _only(items: list[dict]) -> dict:
+    return items[0]
+
+
+def _training_args(tmp_path, **overrides) -> transformers.TrainingArguments:
+    options = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=1,
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    options.update(overrides)
+    return transformers.TrainingArguments(**options)
+
+
+def _trainer(
+    student,
+    tokenizer,
+    batches,
+    tmp_path,
+    teacher=None,
+    trainer_class=SwitchKDTrainer,
+    training=None,
+    **switchkd,
+):
+    kwargs = dict(
+        model=student,
+        args=_training_args(tmp_path, **(training or {})),
+        train_dataset=_Batches(batches),
+        data_collator=_only,
+        **{TOKENIZER_KWARG: tokenizer},
+    )
+    if trainer_class is SwitchKDTrainer:
+        switchkd.setdefault("distill", "switchkd")
+        if switchkd["distill"] == "switchkd":
+            switchkd.setdefault("teacher_model_path", "given-as-object")
+        kwargs.update(switchkd_args=SwitchKDArguments(**switchkd), teacher_model=teacher)
+        if teacher is not None:
+            kwargs["teacher_tokenizer"] = tokenizer
+    return trainer_class(**kwargs)
+
+
+def _split(batch: dict, sizes: tuple[int, ...]) -> list[dict]:
+    """Micro-batches of a collated batch (right padding: extra pad columns change nothing)."""
+    out, start = [], 0
+    for size in sizes:
+        out.append({key: value[start : start + size] for key, value in batch.items()})
+        start += size
+    return out
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, rtol=1e-5, atol=1e-6) -> None:
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=name)
+
+
+def _assert_same_update(a: torch.nn.Module, b: torch.nn.Module, start: torch.nn.Module) -> None:
+    """Both optimizer steps moved every parameter the same way, to float32 summation noise
+    (1e-3 of the step; a normaliser off by one token in 40 is off by 2.5e-2)."""
+    moved = False
+    for (name, x), (_, y), (_, x0) in zip(
+        a.named_parameters(), b.named_parameters(), start.named_parameters(), strict=True
+    ):
+        step_a, step_b = x.detach() - x0, y.detach() - x0
+        size = step_a.abs().max().item()
+        moved |= size > 1e-6
+        error = (step_a - step_b).abs().max().item()
+        assert error <= 1e-3 * size + 1e-9, f"{name}: steps differ by {error:.2e} (step {size:.2e})"
+    assert moved
+
+
+def test_distill_none_and_zero_weights_train_exactly_like_plain_sft(
+    models, tiny_tokenizer, tmp_path
+):
+    student, teacher = models
+    batches = [make_host_batch(student, tiny_tokenizer, n=3, seed=seed) for seed in range(2)]
+    plain = copy.deepcopy(student)
+    training = {"max_steps": 2}
+    _trainer(
+        plain,
+        tiny_tokenizer,
+        batches,
+        tmp_path,
+        trainer_class=transformers.Trainer,
+        training=training,
+    ).train()
+    none = _trainer(
+        copy.deepcopy(student), tiny_tokenizer, batches, tmp_path, distill="none", training=training
+    )
+    assert none.teacher is None
+    none.train()
+    _assert_same_weights(none.model, plain, rtol=0, atol=0)
+    zero = _trainer(
+        copy.deepcopy(student),
+        tiny_tokenizer,
+        batches,
+        tmp_path,
+        teacher=teacher,
+        w_align=0.0,
+        w_vsd=0.0,
+        training=training,
+    )
+    assert zero.teacher is None  # weights 0: the teacher is never loaded
+    zero.train()
+    _assert_same_update(zero.model, plain, student)
+
+
+@pytest.mark.parametrize("sizes", [(2, 2), (1, 3)])
+def test_gradient_accumulation_averages_over_the_whole_window(
+    models, tiny_tokenizer, tmp_path, sizes
+):
+    """One step over micro-batches of different token counts == one step over their union."""
+    student, teacher = models
+    batch = make_host_batch(student, tiny_tokenizer, n=4, seed=7)
+    micro = _split(batch, sizes)
+    counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
+    assert counts[0] != counts[1]  # a mean of micro-batch means would be wrong here
+    # Train each trainer right after building it: accelerate keeps the accumulation steps in a
+    # process-wide singleton, so a second Trainer's setting would leak into the first.
+    whole = _trainer(copy.deepcopy(student), tiny_tokenizer, [batch], tmp_path, teacher=teacher)
+    whole.train()
+    accumulated = _trainer(
+        copy.deepcopy(student),
+        tiny_tokenizer,
+        micro,
+        tmp_path,
+        teacher=teacher,
+        training={"gradient_accumulation_steps": 2},
+    )
+    accumulated.train()
+    _assert_same_update(accumulated.model, whole.model, student)
+
+
+def test_teacher_stays_frozen_outside_model_optimizer_and_checkpoint(
+    models, tiny_tokenizer, tmp_path
+):
+    student, teacher = models
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    batches = [make_host_batch(student, tiny_tokenizer, n=2, seed=s) for s in range(3)]
+    trainer = _trainer(
+        student,
+        tiny_tokenizer,
+        batches,
+        tmp_path,
+        teacher=teacher,
+        training={"max_steps": 3, "optim": "adamw_torch", "learning_rate": 1e-2},
+    )
+    trainer.train()
+    assert trainer.teacher is teacher and not teacher.training
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), f"teacher weight {key} changed"
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not teacher_ids & optimised
+    assert not teacher_ids & {id(p) for p in trainer.model.parameters()}
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = type(student).from_pretrained(str(tmp_path / "saved"))
+    assert set(reloaded.state_dict()) == set(student.state_dict())
+
+
+def test_short_run_lowers_every_term_and_logs_them(models, tiny_tokenizer, tmp_path):
+    student, teacher = models
+    batches = [make_host_batch(student, tiny_tokenizer, n=4, seed=s) for s in range(2)]
+    adam = {"optim": "adamw_torch", "learning_rate": 3e-3}
+    # A random teacher has flat logits that a learning student moves away from: give it a few
+    # SFT steps on the same data first, as a real teacher would have had.
+    teacher.requires_grad_(True).train()
+    _trainer(
+        teacher,
+        tiny_tokenizer,
+        batches,
+        tmp_path,
+        trainer_class=transformers.Trainer,
+        training={"max_steps": 30, **adam},
+    ).train()
+    teacher.requires_grad_(False).eval()
+    trainer = _trainer(
+        student,
+        tiny_tokenizer,
+        batches,
+        tmp_path,
+        teacher=teacher,
+        training={"max_steps": 30, **adam},
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "ce" in entry]
+    assert len(logs) == 30
+    for key in (
+        "ce",
+        "align",
+        "vsd",
+        "total",
+        "align_k_teacher_mean",
+        "align_k_student_mean",
+        "align_k_teacher_at_min",
+        "vsd_k_student_mean",
+        "distilled_tokens",
+    ):
+        assert key in logs[0], key
+    for term in ("ce", "align", "vsd", "total"):
+        first = sum(entry[term] for entry in logs[:2]) / 2
+        last = sum(entry[term] for entry in logs[-2:]) / 2
+        assert last < 0.8 * first, f"{term}: {first:.4f} -> {last:.4f}"
+    assert 2 <= logs[0]["align_k_teacher_mean"] <= 256
+
+
+def test_batch_without_response_tokens_keeps_training(models, tiny_tokenizer, tmp_path):
+    student, teacher = models
+    empty = make_host_batch(student, tiny_tokenizer, n=2, seed=1)
+    empty["labels"] = torch.full_like(empty["labels"], IGNORE_INDEX)
+    batches = [make_host_batch(student, tiny_tokenizer, n=2, seed=2), empty]
+    trainer = _trainer(
+        student, tiny_tokenizer, batches, tmp_path, teacher=teacher, training={"max_steps": 4}
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and all(loss == loss for loss in losses)  # no NaN
+    assert any(
+        entry["distilled_tokens"] == 0 for entry in trainer.state.log_history if "ce" in entry
+    )
+
+
+# ---------------------------------------------------------------------------- checks before step 1
+
+
+def test_different_tokenizers_are_refused(hf_student, hf_teacher, tiny_tokenizer, tmp_path):
+    other = build_tokenizer(vocab_size=500)
+    with pytest.raises(ValueError, match=r"tokenizers differ on \d+ tokens"):
+        SwitchKDTrainer(
+            model=copy.deepcopy(hf_student),
+            args=_training_args(tmp_path),
+            switchkd_args=SwitchKDArguments(distill="switchkd", teacher_model_path="x"),
+            teacher_model=copy.deepcopy(hf_teacher),
+            teacher_tokenizer=other,
+            **{TOKENIZER_KWARG: tiny_tokenizer},
+        )
+
+
+def test_padded_lm_heads_over_one_tokenizer_distil_the_shared_vocabulary(
+    hf_student, tiny_tokenizer, tmp_path, caplog
+):
+    teacher = build_hf_llava(teacher_spec(vocab_multiple_of=64), tiny_tokenizer)
+    assert adapter_for(teacher).lm_head.weight.shape[0] == 640 > len(tiny_tokenizer)
+    batches = [make_host_batch(hf_student, tiny_tokenizer, n=2)]
+    with caplog.at_level(logging.WARNING, logger="switchkd_plugin"):
+        trainer = _trainer(
+            copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path, teacher=teacher
+        )
+    assert "shared tokenizer vocabulary of 600 tokens" in caplog.text
+    assert trainer._engine.vocab == 600
+    trainer.train()
+
+
+def test_vision_width_mismatch_is_refused(tiny_tokenizer, hf_teacher, tmp_path):
+    student = build_hf_llava(student_spec(vision_hidden_size=48), tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"output has width 48 .* connector input is 32"):
+        _trainer(student, tiny_tokenizer, [], tmp_path, teacher=copy.deepcopy(hf_teacher))
+    with pytest.raises(ValueError, match=r"--switch_point connector.*width 64.*hidden size is 96"):
+        _trainer(
+            build_hf_llava(student_spec(), tiny_tokenizer),
+            tiny_tokenizer,
+            [],
+            tmp_path,
+            teacher=copy.deepcopy(hf_teacher),
+            switch_point="connector",
+        )
+
+
+def test_teacher_path_is_checked_and_loaded(hf_student, hf_teacher, tiny_tokenizer, tmp_path):
+    student = copy.deepcopy(hf_student)
+    with pytest.raises(ValueError, match=r"needs --teacher_model_path DIR"):
+        SwitchKDArguments(distill="switchkd")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        _trainer(student, tiny_tokenizer, [], tmp_path, teacher_model_path=str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        _trainer(student, tiny_tokenizer, [], tmp_path, teacher_model_path=str(tmp_path / "empty"))
+    saved = tmp_path / "teacher"
+    hf_teacher.save_pretrained(str(saved))
+    tiny_tokenizer.save_pretrained(str(saved))
+    trainer = _trainer(
+        student,
+        tiny_tokenizer,
+        [make_host_batch(student, tiny_tokenizer)],
+        tmp_path,
+        teacher_model_path=str(saved),
+    )
+    for key, value in trainer.teacher.state_dict().items():
+        assert torch.equal(value, hf_teacher.state_dict()[key])
+    trainer.train()
+
+
+def test_frozen_student_vision_skips_the_switch_pass(
+    hf_student, hf_teacher, tiny_tokenizer, tmp_path, caplog
+):
+    student = copy.deepcopy(hf_student)
+    adapter_for(student).vision_module.requires_grad_(False)
+    with caplog.at_level(logging.WARNING, logger="switchkd_plugin"):
+        trainer = _trainer(
+            student,
+            tiny_tokenizer,
+            [make_host_batch(student, tiny_tokenizer)],
+            tmp_path,
+            teacher=copy.deepcopy(hf_teacher),
+        )
+    assert "no trainable parameter" in caplog.text and not trainer._engine.run_switch
+    trainer.train()
+    assert all("vsd" not in entry for entry in trainer.state.log_history)
