@@ -3,4 +3,9 @@
 The reference implementation for TinyLLaVA Factory and Hugging Face transformers LLaVA models.
 """
 
+from .config import SwitchKDArguments
+from .trainer import SwitchKDTrainer, SwitchKDTrainerMixin, switchkd_trainer_class
+
 __version__ = "0.1.0"
+
+__all__ = ["SwitchKDArguments", "SwitchKDTrainer", "SwitchKDTrainerMixin", "switchkd_trainer_class"]
