@@ -81,7 +81,7 @@ class StepTerms:
     vsd: Tensor | None
     response_tokens: int  # student rows under CE
     distilled_tokens: int  # rows under the distillation terms
-    k_stats: dict[str, KStats] = field(default_factory=dict)  # "align" / "vsd"
+    k_stats: dict[str, KStats] = field(default_factory=dict)  # "align" / "vsd" (DBiLD terms)
 
 
 class SwitchKDEngine:

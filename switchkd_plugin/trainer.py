@@ -62,35 +62,38 @@ class _WindowCountingLoader:
 
 
 class _TermLog:
-    """Per-term sums between two logging steps, reported as token means."""
+    """Per-term sums between two logging steps, reported as token means.
+
+    Sums stay tensors on the training device until a log is written: one host sync per log,
+    not several per micro-batch.
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, Tensor | float] = defaultdict(float)
 
     def add(self, terms: StepTerms, weights: tuple[float, float, float]) -> None:
         s = self.sums
         s["response_tokens"] += terms.response_tokens
         s["distilled_tokens"] += terms.distilled_tokens
-        s["ce"] += terms.ce.item()
-        for name, value in (("align", terms.align), ("vsd", terms.vsd)):
+        s["ce"] += terms.ce
+        s["total"] += weights[0] * terms.ce
+        for name, value, weight in (
+            ("align", terms.align, weights[1]),
+            ("vsd", terms.vsd, weights[2]),
+        ):
             if value is not None:
-                s[name] += value.item()
-        s["total"] += weights[0] * terms.ce.item() + sum(
-            w * v.item()
-            for w, v in zip(weights[1:], (terms.align, terms.vsd), strict=True)
-            if v is not None
-        )
+                s[name] += value
+                s["total"] += weight * value
         for name, stats in terms.k_stats.items():
-            if stats is None:
-                continue
             for side, k in (("teacher", stats.teacher_k), ("student", stats.student_k)):
                 if k is not None and k.numel():
-                    s[f"{name}_k_{side}_sum"] += k.sum().item()
+                    s[f"{name}_k_{side}_sum"] += k.sum()
                     s[f"{name}_k_{side}_rows"] += k.numel()
-                    s[f"{name}_k_{side}_at_min"] += (k == stats.k_min).sum().item()
+                    s[f"{name}_k_{side}_at_min"] += (k == stats.k_min).sum()
 
     def pop(self) -> dict[str, float]:
-        s, self.sums = self.sums, defaultdict(float)
+        s = {key: float(value) for key, value in self.sums.items()}
+        self.sums = defaultdict(float)
         if not s:
             return {}
         tokens, distilled = max(s["response_tokens"], 1), max(s["distilled_tokens"], 1)

@@ -188,3 +188,23 @@ def test_batch_without_response_tokens_gives_zero_terms(models, tiny_tokenizer):
     assert terms.loss.item() == 0.0 and terms.response_tokens == 0
     terms.loss.backward()  # still connected: training goes on
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
+def test_teacher_gradient_checkpointing_changes_nothing_but_memory(models, tiny_tokenizer):
+    student, teacher = models
+    batch = make_host_batch(student, tiny_tokenizer, n=2, seed=3)
+    results = []
+    for checkpointing in (False, True):
+        student.zero_grad()
+        engine = _engine(student, teacher, len(tiny_tokenizer), w_ce=0.0, w_align=0.0,
+                         teacher_gradient_checkpointing=checkpointing)  # fmt: skip
+        terms = engine(batch)
+        terms.loss.backward()
+        results.append((terms.loss.detach(), _grads(student)))
+    (plain_loss, plain_grads), (ckpt_loss, ckpt_grads) = results
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=0, atol=0)
+    for name, grad in ckpt_grads.items():
+        if plain_grads[name] is None:
+            assert grad is None, name
+        else:
+            torch.testing.assert_close(grad, plain_grads[name], rtol=1e-6, atol=1e-9, msg=name)
