@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from .losses.dbild import DIRECTIONS, DIVERGENCES, K_MODES
@@ -107,3 +107,38 @@ class SwitchKDArguments:
     @property
     def needs_teacher(self) -> bool:
         return self.w_align > 0 or self.w_vsd > 0
+
+
+def parse_switchkd_args(argv: list[str]) -> tuple[SwitchKDArguments, list[str]]:
+    """Split a command line into Switch-KD's arguments and the host's.
+
+    `--switchkd_config FILE` (JSON or YAML, keys = the flag names) sets defaults that explicit
+    flags override. Returns the arguments and the untouched rest of `argv`, in order.
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(SwitchKDArguments, allow_abbrev=False)  # never eat host flags
+    parser.add_argument("--switchkd_config", default=None, help="JSON/YAML file of these flags")
+    known, _ = parser.parse_known_args(argv)
+    if known.switchkd_config:
+        parser.set_defaults(**_read_config(known.switchkd_config))
+    namespace, rest = parser.parse_known_args(argv)
+    values = {k: v for k, v in vars(namespace).items() if k != "switchkd_config"}
+    return SwitchKDArguments(**values), rest
+
+
+def _read_config(path: str) -> dict:
+    import json
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    unknown = set(values) - {f.name for f in fields(SwitchKDArguments)}
+    if unknown:
+        raise ValueError(f"{path}: unknown Switch-KD settings {sorted(unknown)}")
+    return values

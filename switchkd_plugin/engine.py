@@ -199,7 +199,7 @@ class SwitchKDEngine:
             zero = student_states.sum() * 0
             return StepTerms(zero, zero.detach(), None, None, 0, 0)
         chunk = self.args.lm_head_chunk_size or n
-        totals, stats_parts = [], []
+        losses, term_sums, stats_parts = [], [], []
         for start in range(0, n, chunk):
             part = slice(start, start + chunk)
             pieces = (
@@ -210,15 +210,16 @@ class SwitchKDEngine:
                 None if distill_mask is None else distill_mask[part],
             )
             if chunk < n:  # keep one chunk's logits alive at a time; recompute them in backward
-                *sums, stats = checkpoint(self._chunk_terms, *pieces, use_reentrant=False)
+                loss, *sums, stats = checkpoint(self._chunk_terms, *pieces, use_reentrant=False)
             else:
-                *sums, stats = self._chunk_terms(*pieces)
-            totals.append(torch.stack(sums))
+                loss, *sums, stats = self._chunk_terms(*pieces)
+            losses.append(loss)
+            term_sums.append(torch.stack(sums))  # detached: for logging only
             stats_parts.append(stats)
-        loss, ce, align, vsd = torch.stack(totals).sum(0)
+        ce, align, vsd = torch.stack(term_sums).sum(0)
         distilled = n if distill_mask is None else int(distill_mask.sum())
         return StepTerms(
-            loss=loss,
+            loss=torch.stack(losses).sum(),
             ce=ce,
             align=align if self.run_align else None,
             vsd=vsd if self.run_switch else None,

@@ -44,8 +44,11 @@ def load_teacher(
         ) from error
 
 
-def freeze(teacher: nn.Module, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
-    """Eval mode, no parameter requires grad, on the training device in the given dtype."""
+def freeze(teacher: nn.Module, device: torch.device | str | None, dtype: torch.dtype) -> nn.Module:
+    """Eval mode, no parameter requires grad, in the given dtype, on `device` (None: leave
+    placement to DeepSpeed)."""
     teacher.requires_grad_(False)
     teacher.eval()
-    return teacher.to(device=device, dtype=dtype)
+    if any(hasattr(p, "ds_id") for p in teacher.parameters()):
+        return teacher  # already partitioned by ZeRO-3 (loaded in `dtype`): DeepSpeed owns it
+    return teacher.to(dtype=dtype) if device is None else teacher.to(device=device, dtype=dtype)

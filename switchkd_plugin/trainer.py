@@ -7,6 +7,7 @@ Factory (whose sampler and optimizer parameter groups then still apply).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from collections import defaultdict
@@ -133,6 +134,8 @@ class SwitchKDTrainerMixin:
         self.switchkd_args = switchkd_args or SwitchKDArguments()
         self.teacher: nn.Module | None = None
         self._engine: SwitchKDEngine | None = None
+        self._teacher_engine = None  # the DeepSpeed engine sharding the teacher under ZeRO-3
+        self._zero3_ready = False
         self._term_log = _TermLog()
         if self.switchkd_args.distill == "switchkd":
             self._engine = self._build_engine(teacher_model, teacher_tokenizer)
@@ -172,7 +175,7 @@ class SwitchKDTrainerMixin:
         args = self.switchkd_args
         student = adapter_for(self.model)
         teacher_adapter: VLMAdapter | None = None
-        vocab = student.lm_head.weight.shape[0]
+        vocab = output_rows(student)
         if args.needs_teacher:
             dtype = teacher_dtype(args.teacher_dtype, bf16=self.args.bf16, fp16=self.args.fp16)
             if teacher is None:
@@ -180,13 +183,15 @@ class SwitchKDTrainerMixin:
                     student.model.config, "_attn_implementation", None
                 )
                 teacher = load_teacher(args.teacher_model_path, type(student.model), dtype, attn)
-            self.teacher = freeze(teacher, self.args.device, dtype)
+            # Under ZeRO-3 the teacher is sharded by a DeepSpeed engine on first use (the config
+            # is only complete once training starts); elsewhere it is a frozen replica.
+            self.teacher = freeze(teacher, None if _zero3() else self.args.device, dtype)
             teacher_adapter = adapter_for(self.teacher)
             vocab = shared_vocab_size(
                 self._student_tokenizer(),
                 teacher_tokenizer or self._teacher_tokenizer(),
-                student.lm_head.weight.shape[0],
-                teacher_adapter.lm_head.weight.shape[0],
+                output_rows(student),
+                output_rows(teacher_adapter),
             )
         run_switch = args.w_vsd > 0 and teacher_adapter is not None
         if run_switch:
@@ -209,10 +214,29 @@ class SwitchKDTrainerMixin:
 
     # ------------------------------------------------------------------------------- loss
 
+    def _shard_teacher(self) -> None:
+        """ZeRO-3: wrap the teacher in its own DeepSpeed engine (no optimizer), so each rank holds
+        a shard and parameters are gathered layer by layer, in forward and in the backward of
+        the switch pass alike."""
+        import deepspeed
+
+        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        engine, *_ = deepspeed.initialize(model=self.teacher, config=config)
+        engine.eval()
+        self._teacher_engine = engine
+
     def _run_engine(self, model: nn.Module, batch: dict) -> StepTerms:
         """Run the engine through `model`'s wrapper (DDP / DeepSpeed) so its forward hooks and
         gradient bookkeeping see the student computation."""
         inner = self.accelerator.unwrap_model(model)
+        if _zero3() and not self._zero3_ready:
+            if self.teacher is not None:
+                self._shard_teacher()
+            for module in (inner, self.teacher):
+                _register_unhooked_parameters(module)
+            self._zero3_ready = True
         if inner is model:
             return self._engine(batch)
         inner.forward = lambda b: (lambda t: (t.loss, t))(self._engine(b))
@@ -259,6 +283,32 @@ class SwitchKDTrainerMixin:
         if "loss" in logs:  # a training log: add the per-term means since the last one
             logs.update(self._term_log.pop())
         super().log(logs, *args, **kwargs)
+
+
+def _zero3() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def _register_unhooked_parameters(module: nn.Module | None) -> None:
+    """ZeRO-3 gathers a module's parameters when the module is called. `nn.MultiheadAttention`
+    (SigLIP's pooling head) reads `out_proj.weight` without calling `out_proj`, so tell
+    DeepSpeed to gather it with the attention module."""
+    if module is None:
+        return
+    import deepspeed
+
+    for child in module.modules():
+        if isinstance(child, nn.MultiheadAttention):
+            for param in child.out_proj.parameters():
+                deepspeed.zero.register_external_parameter(child, param)
+
+
+def output_rows(adapter: VLMAdapter) -> int:
+    """lm_head rows; under ZeRO-3 a partitioned weight keeps its full shape in `ds_shape`."""
+    weight = adapter.lm_head.weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
 
 
 class SwitchKDTrainer(SwitchKDTrainerMixin, transformers.Trainer):

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_trainer import _split, _trainer
 
 
-def main(out_dir: str, world_micro_batches: str) -> None:
+def main(out_dir: str, world_micro_batches: str, deepspeed: str | None = None) -> None:
     tokenizer = build_tokenizer()
     student = build_hf_llava(student_spec(), tokenizer).train()
     teacher = build_hf_llava(teacher_spec(), tokenizer).requires_grad_(False).eval()
@@ -41,9 +41,12 @@ def main(out_dir: str, world_micro_batches: str) -> None:
         training={"gradient_accumulation_steps": accumulation, "ddp_backend": "gloo"},
     )
     trainer.train()
-    if trainer.args.process_index == 0:
-        torch.save(trainer.model.state_dict(), os.path.join(out_dir, "weights.pt"))
+    trainer.save_model(out_dir)  # gathers ZeRO-3 shards on rank 0
+    if torch.distributed.is_initialized():
+        # A gloo group left to the interpreter's exit can abort the process while tearing down.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
