@@ -15,11 +15,17 @@ import logging
 import sys
 from functools import partial
 
+import torch
+
+from . import factory_compat
 from .config import parse_switchkd_args
-from .factory_compat import import_tinyllava
 from .trainer import switchkd_trainer_class
 
 logger = logging.getLogger(__name__)
+
+# The patched train.py loads this module before importing the Factory: fix the Factory for this
+# Python / transformers before its modules execute.
+factory_compat.install()
 
 
 def resolve_attn_implementation(argv: list[str]) -> list[str]:
@@ -27,16 +33,22 @@ def resolve_attn_implementation(argv: list[str]) -> list[str]:
 
     transformers raises instead of falling back, so the choice is made here, and said once.
     """
-    if "--attn_implementation" not in argv:
+    if _has_flash_attn():
         return argv
-    at = argv.index("--attn_implementation") + 1
-    if at < len(argv) and argv[at] == "flash_attention_2" and not _has_flash_attn():
+    out, replaced = [], False
+    for i, arg in enumerate(argv):
+        flag_value = i > 0 and argv[i - 1] == "--attn_implementation"
+        if (
+            flag_value and arg == "flash_attention_2"
+        ) or arg == "--attn_implementation=flash_attention_2":
+            arg, replaced = arg.replace("flash_attention_2", "sdpa"), True
+        out.append(arg)
+    if replaced:
         logger.warning(
             "Switch-KD: flash-attn is not installed; student and teacher use attention 'sdpa' "
             "instead of 'flash_attention_2' (pip install -e '.[flash]' on a GPU machine)"
         )
-        argv = [*argv[:at], "sdpa", *argv[at + 1 :]]
-    return argv
+    return out
 
 
 def _has_flash_attn() -> bool:
@@ -46,7 +58,6 @@ def _has_flash_attn() -> bool:
 def train() -> None:
     """Run TinyLLaVA Factory's training with Switch-KD (argv: the Factory's flags + ours)."""
     logging.basicConfig(level=logging.INFO)
-    import_tinyllava()
     factory_train = importlib.import_module("tinyllava.train.train")
     trainer_module = importlib.import_module("tinyllava.train.tinyllava_trainer")
     switchkd_args, rest = parse_switchkd_args(sys.argv[1:])
@@ -55,4 +66,14 @@ def train() -> None:
     # The Factory's train() builds `LLaVATrainer(model=..., tokenizer=..., args=..., **data)`.
     factory_train.LLaVATrainer = partial(trainer_class, switchkd_args=switchkd_args)
     sys.argv = [sys.argv[0], *resolve_attn_implementation(rest)]
+    if not torch.cuda.is_available():
+        # The Factory's recipe calls torch.cuda.synchronize() before saving under DeepSpeed;
+        # with no CUDA there is nothing to wait for, and the call would raise.
+        torch.cuda.synchronize = lambda device=None: None
+    if "--deepspeed" in rest:
+        # Under ZeRO-3 the Factory builds the model inside zero.Init, which needs DeepSpeed's
+        # communication up first, or every rank believes it is alone.
+        import deepspeed
+
+        deepspeed.init_distributed()
     factory_train.train()

@@ -27,21 +27,39 @@ def teacher_dtype(name: str, *, bf16: bool, fp16: bool) -> torch.dtype:
 
 
 def load_teacher(
-    path: str, model_class: type, dtype: torch.dtype, attn_implementation: str | None
+    path: str,
+    model_class: type,
+    dtype: torch.dtype,
+    attn_implementation: str | None,
+    vision_attn_implementation: str | None = None,
 ) -> nn.Module:
-    """`model_class.from_pretrained(path)` (the student's class: the teacher is of its family)."""
+    """`model_class.from_pretrained(path)` (the student's class: the teacher is of its family).
+
+    Attention: the language model gets `attn_implementation` (the Factory's
+    `--attn_implementation` applies to the LLM only), the vision tower
+    `vision_attn_implementation` (what the student's tower runs: a SigLIP tower has no SDPA on
+    older releases). Both are set on the sub-configs before the model is built: TinyLLaVA builds
+    its parts from them, which `from_pretrained(attn_implementation=)` does not reach.
+    """
     directory = check_teacher_path(path)
-    kwargs: dict = {_DTYPE_KWARG: dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    logger.info("Switch-KD: loading the teacher %s from %s", model_class.__name__, directory)
     try:
-        return model_class.from_pretrained(str(directory), **kwargs)
+        config = model_class.config_class.from_pretrained(str(directory))
+        for part, choice in (
+            (getattr(config, "text_config", config), attn_implementation),
+            (getattr(config, "vision_config", None), vision_attn_implementation),
+        ):
+            if part is not None and choice:
+                part._attn_implementation = choice
+        logger.info("Switch-KD: loading the teacher %s from %s", model_class.__name__, directory)
+        teacher = model_class.from_pretrained(
+            str(directory), config=config, **{_DTYPE_KWARG: dtype}
+        )
     except (OSError, ValueError) as error:
         raise ValueError(
             f"--teacher_model_path {path}: could not load a {model_class.__name__} from it "
             f"({error}); the teacher must be a saved checkpoint of the student's model family"
         ) from error
+    return teacher
 
 
 def freeze(teacher: nn.Module, device: torch.device | str | None, dtype: torch.dtype) -> nn.Module:

@@ -180,9 +180,15 @@ class SwitchKDTrainerMixin:
             dtype = teacher_dtype(args.teacher_dtype, bf16=self.args.bf16, fp16=self.args.fp16)
             if teacher is None:
                 attn = args.teacher_attn_implementation or getattr(
-                    student.model.config, "_attn_implementation", None
+                    student.decoder.config, "_attn_implementation", None
                 )
-                teacher = load_teacher(args.teacher_model_path, type(student.model), dtype, attn)
+                teacher = load_teacher(
+                    args.teacher_model_path,
+                    type(student.model),
+                    dtype,
+                    attn,
+                    vision_attn_implementation=_attn_of(student.vision_module),
+                )
             # Under ZeRO-3 the teacher is sharded by a DeepSpeed engine on first use (the config
             # is only complete once training starts); elsewhere it is a frozen replica.
             self.teacher = freeze(teacher, None if _zero3() else self.args.device, dtype)
@@ -283,6 +289,14 @@ class SwitchKDTrainerMixin:
         if "loss" in logs:  # a training log: add the per-term means since the last one
             logs.update(self._term_log.pop())
         super().log(logs, *args, **kwargs)
+
+
+def _attn_of(module: nn.Module) -> str | None:
+    """The attention implementation the first transformers model inside `module` runs."""
+    for part in module.modules():
+        if isinstance(part, transformers.PreTrainedModel):
+            return getattr(part.config, "_attn_implementation", None)
+    return None
 
 
 def _zero3() -> bool:

@@ -1,0 +1,132 @@
+"""`--distill switchkd` through TinyLLaVA Factory's own train(), on a patched scratch copy.
+
+Runs the Factory's real `tinyllava/train/train.py` under torchrun (1 and 2 processes; plain,
+ZeRO-2, ZeRO-3; gloo on CPU) on tiny offline models and the synthetic shapes data, then loads
+the saved student with the Factory's `load_pretrained_model` and generates from an image.
+Skipped, with the reason, when no importable Factory checkout is found.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from switchkd_plugin.demo import ShapesTaskConfig, write_llava_dataset
+from switchkd_plugin.factory_patch import main as patch_command
+from switchkd_plugin.testing import (
+    build_tinyllava,
+    student_spec,
+    teacher_spec,
+    write_tinyllava_components,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def factory(tinyllava_factory, tmp_path_factory) -> Path:
+    """A patched scratch copy of the importable Factory checkout."""
+    source = Path(next(iter(tinyllava_factory.__path__))).parent
+    copy = tmp_path_factory.mktemp("factory") / "TinyLLaVA_Factory"
+    shutil.copytree(source / "tinyllava", copy / "tinyllava")
+    assert patch_command(["apply", str(copy)]) == 0
+    return copy
+
+
+@pytest.fixture(scope="module")
+def workspace(factory, tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
+    """Student components, a saved TinyLLaVA teacher, and the shapes data in LLaVA format."""
+    root = tmp_path_factory.mktemp("factory_run")
+    teacher = build_tinyllava(teacher_spec(), tiny_tokenizer, root)
+    teacher.save_pretrained(root / "teacher-ckpt")
+    tiny_tokenizer.save_pretrained(root / "teacher-ckpt")
+    llm_dir, vision_dir = write_tinyllava_components(student_spec(), tiny_tokenizer, root)
+    data = write_llava_dataset(ShapesTaskConfig(num_train=16, num_val=4, num_test=4), root / "data")
+    return {"root": root, "teacher": root / "teacher-ckpt", "llm": llm_dir,
+            "vision": vision_dir, "data": data.train, "images": data.image_folder,
+            "test": data.test}  # fmt: skip
+
+
+def _train(factory: Path, ws: dict[str, Path], out: Path, processes: int, *extra: str) -> str:
+    args = [
+        "--distill", "switchkd", "--teacher_model_path", str(ws["teacher"]),
+        "--data_path", str(ws["data"]), "--image_folder", str(ws["images"]),
+        "--is_multimodal", "True", "--conv_version", "qwen2_instruct",
+        "--model_name_or_path", str(ws["llm"]), "--vision_tower", str(ws["vision"]),
+        "--vision_tower2", "", "--connector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2",
+        "--image_aspect_ratio", "square", "--attn_implementation", "flash_attention_2",
+        "--training_recipe", "common", "--tune_type_llm", "full",
+        "--tune_type_vision_tower", "full", "--tune_type_connector", "full",
+        "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--learning_rate", "1e-3", "--use_cpu", "True", "--model_max_length", "256",
+        "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
+        "--lazy_preprocess", "True", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(factory), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", "tinyllava/train/train.py", *args]  # fmt: skip
+    result = subprocess.run(command, cwd=factory, env=env, capture_output=True, text=True,
+                            timeout=240)  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    return log
+
+
+@pytest.fixture(scope="module")
+def pretrained_student(factory, workspace, tmp_path_factory) -> Path:
+    """One process, no DeepSpeed: the recipe saves the pretrain-stage layout (per component)."""
+    out = tmp_path_factory.mktemp("runs") / "student-pretrain"
+    log = _train(factory, workspace, out, 1)
+    assert "'vsd'" in log and "'align'" in log and "'ce'" in log
+    assert "flash-attn is not installed" in log  # fell back to sdpa, and said so
+    for component in ("language_model", "vision_tower", "connector"):
+        assert (out / component / "pytorch_model.bin").is_file()
+    return out
+
+
+@pytest.mark.parametrize(("processes", "stage"), [(1, 2), (2, 2), (1, 3), (2, 3)],
+                         ids=["zero2-1", "zero2-2", "zero3-1", "zero3-2"])  # fmt: skip
+def test_finetune_under_deepspeed_saves_a_loadable_student(
+    factory, workspace, pretrained_student, tmp_path, processes, stage
+):
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed")
+    out = tmp_path / "student-finetune"  # 'finetune' in the name: the recipe saves the full model
+    config = ROOT / "configs" / f"zero{stage}.json"
+    log = _train(factory, workspace, out, processes, "--pretrained_model_path",
+                 str(pretrained_student), "--deepspeed", str(config))  # fmt: skip
+    assert "'vsd'" in log
+    assert (out / "config.json").is_file()
+    assert any(out.glob("*.safetensors")) or (out / "pytorch_model.bin").is_file()
+    if (processes, stage) == (2, 3):
+        _generate_from_an_image(out, workspace)
+
+
+def _generate_from_an_image(checkpoint: Path, workspace: dict[str, Path]) -> None:
+    """What the Factory's eval scripts do: load_pretrained_model, template, image, generate."""
+    from PIL import Image
+    from tinyllava.data import ImagePreprocess, TextPreprocess
+    from tinyllava.model.load_model import load_pretrained_model
+    from tinyllava.utils import DEFAULT_IMAGE_TOKEN, Message
+
+    from switchkd_plugin.demo import load_records
+
+    record = load_records(workspace["test"])[0]
+    model, tokenizer, image_processor, _ = load_pretrained_model(str(checkpoint), device="cpu")
+    model = model.float().eval()
+    question = record["conversations"][0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
+    message = Message()
+    message.add_message(DEFAULT_IMAGE_TOKEN + "\n" + question)
+    text = TextPreprocess(tokenizer, "qwen2_instruct")(message.messages, mode="eval")
+    image = Image.open(workspace["images"] / record["image"]).convert("RGB")
+    pixels = ImagePreprocess(image_processor, model.config)(image).unsqueeze(0)
+    with torch.no_grad():
+        output = model.generate(text["input_ids"].unsqueeze(0), images=pixels.float(),
+                                max_new_tokens=3, do_sample=False, use_cache=True)  # fmt: skip
+    answer = tokenizer.batch_decode(output, skip_special_tokens=True)[0]
+    assert output.shape[-1] >= 1 and isinstance(answer, str)
