@@ -32,14 +32,16 @@ def main(out_dir: str, world_micro_batches: str, deepspeed: str | None = None) -
     batch = make_host_batch(student, tokenizer, n=4, seed=7)
     micro = _split(batch, (1, 3))
     accumulation = 2 if world_micro_batches == "accumulate" else 1
-    trainer = _trainer(
-        student,
-        tokenizer,
-        micro,
-        out_dir,
-        teacher=teacher,
-        training={"gradient_accumulation_steps": accumulation, "ddp_backend": "gloo"},
-    )
+    on_gpu = os.environ.get("SWITCHKD_DEVICE") == "cuda"  # benchmarks/gpu_check.py
+    training = {
+        "gradient_accumulation_steps": accumulation,
+        "ddp_backend": "nccl" if on_gpu else "gloo",
+        "use_cpu": not on_gpu,
+    }
+    if deepspeed:
+        training["deepspeed"] = deepspeed
+    trainer = _trainer(student, tokenizer, micro, out_dir, teacher=teacher, training=training)
+    assert trainer.is_deepspeed_enabled == bool(deepspeed)
     trainer.train()
     trainer.save_model(out_dir)  # gathers ZeRO-3 shards on rank 0
     if torch.distributed.is_initialized():

@@ -27,6 +27,7 @@ def _deepspeed_config(stage: int, tmp_path: Path) -> Path:
     """The shipped config; the bucket sizes it leaves on "auto" (sized from the model's
     `hidden_size`, which a LlavaConfig lacks) become integers."""
     config = json.loads((ROOT / "configs" / f"zero{stage}.json").read_text())
+    assert config["gradient_clipping"] == "auto"  # else DeepSpeed clips at 1.0 whatever the flags
     for key, value in config["zero_optimization"].items():
         if value == "auto":
             config["zero_optimization"][key] = 100_000

@@ -1,0 +1,200 @@
+"""GPU checks that CPUs cannot show: one PASS / FAIL / SKIP line each, < 10 min on one H100.
+
+    python benchmarks/gpu_check.py            # all checks
+    python benchmarks/gpu_check.py --only dbild_bf16 zero3_teacher
+
+Checks (small models built offline, nothing downloaded):
+  dbild_bf16      bf16 logits give the float32 answer of the upcast inputs; the O(k) path equals
+                  explicit pairs on the GPU (float64)
+  attention       bf16 student/teacher logits with sdpa (and flash_attention_2 when flash-attn is
+                  installed) match eager attention within bf16 tolerance
+  switchkd_bf16   a bf16 Switch-KD training run on the GPU lowers ce/align/vsd, teacher unchanged
+  zero3_teacher   1-process DeepSpeed ZeRO-3 (nccl): the teacher is a sharded engine, the switch
+                  pass back-propagates through it, and the step equals the plain run's
+  speed           fast DBiLD vs full-vocabulary KL at V = 151,936 (time ratio, same run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def check_dbild_bf16() -> str:
+    from switchkd_plugin.losses import dbild_loss
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    student = torch.randn(512, 151_936, device="cuda", generator=gen).bfloat16()
+    teacher = torch.randn(512, 151_936, device="cuda", generator=gen).bfloat16()
+    low = dbild_loss(student, teacher).item()
+    upcast = dbild_loss(student.float(), teacher.float()).item()
+    assert low == upcast, f"bf16 {low} != fp32-of-upcast {upcast}"
+    s64, t64 = student[:64, :4096].double(), teacher[:64, :4096].double()
+    fast = dbild_loss(s64, t64, k_mode="fixed", fixed_k=256).item()
+    explicit = dbild_loss(s64, t64, k_mode="fixed", fixed_k=256, pair_algorithm="explicit").item()
+    assert abs(fast - explicit) <= 1e-9 * abs(explicit), f"{fast} vs {explicit}"
+    return f"loss {low:.6f}; fast == explicit to {abs(fast - explicit):.1e}"
+
+
+def _tiny_pair(attn: str):
+    from switchkd_plugin.testing import build_hf_llava, build_tokenizer, student_spec, teacher_spec
+
+    tokenizer = build_tokenizer()
+    student = build_hf_llava(student_spec(attn_implementation=attn), tokenizer)
+    teacher = build_hf_llava(teacher_spec(attn_implementation=attn), tokenizer)
+    return tokenizer, student.cuda(), teacher.cuda().requires_grad_(False).eval()
+
+
+def check_attention() -> str:
+    import importlib.util
+
+    from switchkd_plugin.testing import make_host_batch
+
+    kinds = ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+    tokenizer, eager, _ = _tiny_pair("eager")
+    batch = {k: v.cuda() for k, v in make_host_batch(eager, tokenizer, n=4).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        reference = eager(**batch).logits.float()
+    notes = []
+    for kind in kinds:
+        _, model, _ = _tiny_pair(kind)
+        model.load_state_dict(eager.state_dict())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(**batch).logits.float()
+        assert logits.shape == reference.shape, f"{kind}: logits {tuple(logits.shape)}"
+        real = batch["attention_mask"].bool()  # padded positions may differ by design
+        diff = (logits - reference)[real].abs().max().item()
+        assert diff < 0.1, f"{kind} differs from eager by {diff}"
+        notes.append(f"{kind} max|Δ| {diff:.3f}")
+    if len(kinds) == 1:
+        notes.append("flash_attention_2 SKIPPED (flash-attn not installed)")
+    return "; ".join(notes)
+
+
+def check_switchkd_bf16() -> str:
+    import transformers
+    from test_trainer import _trainer
+
+    from switchkd_plugin.testing import make_host_batch
+
+    tokenizer, student, teacher = _tiny_pair("sdpa")
+    batches = [make_host_batch(student, tokenizer, n=4, seed=s) for s in range(2)]
+    teacher_training = {"max_steps": 30, "optim": "adamw_torch", "learning_rate": 3e-3,
+                        "use_cpu": False, "bf16": True}  # fmt: skip
+    teacher.requires_grad_(True).train()
+    with tempfile.TemporaryDirectory() as out:
+        _trainer(teacher, tokenizer, batches, out, trainer_class=transformers.Trainer,
+                 training=teacher_training).train()  # fmt: skip
+        teacher.requires_grad_(False).eval()
+        before = copy.deepcopy(teacher.state_dict())
+        trainer = _trainer(student, tokenizer, batches, out, teacher=teacher,
+                           training=teacher_training)  # fmt: skip
+        trainer.train()
+    logs = [e for e in trainer.state.log_history if "ce" in e]
+    for term in ("ce", "align", "vsd"):
+        assert logs[-1][term] < logs[0][term], f"{term} {logs[0][term]} -> {logs[-1][term]}"
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert next(trainer.teacher.parameters()).dtype == torch.bfloat16
+    return " ".join(f"{t} {logs[0][t]:.3f}->{logs[-1][t]:.3f}" for t in ("ce", "align", "vsd"))
+
+
+def check_zero3_teacher() -> str:
+    worker = ROOT / "tests" / "_dp_worker.py"
+    config = json.loads((ROOT / "configs" / "zero3.json").read_text())
+    for key, value in config["zero_optimization"].items():
+        if value == "auto":
+            config["zero_optimization"][key] = 100_000
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "zero3.json").write_text(json.dumps(config))
+        for name, extra in (("plain", []), ("zero3", [str(Path(tmp) / "zero3.json")])):
+            out = Path(tmp) / name
+            out.mkdir()
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       "--nproc_per_node=1", str(worker), str(out), "accumulate",
+                       *extra]  # fmt: skip
+            env = {**os.environ, "SWITCHKD_DEVICE": "cuda"}
+            run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+            assert run.returncode == 0, run.stderr[-2000:]
+            import transformers
+
+            results[name] = transformers.LlavaForConditionalGeneration.from_pretrained(
+                str(out)
+            ).state_dict()
+    worst = max((results["zero3"][k] - v).abs().max().item() for k, v in results["plain"].items())
+    assert worst < 1e-4, f"ZeRO-3 step differs from the plain step by {worst}"
+    return f"max |Δweight| ZeRO-3 vs plain {worst:.1e}"
+
+
+def check_speed() -> str:
+    from switchkd_plugin.losses import dbild_loss, full_kl_loss
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    teacher = torch.randn(8192, 151_936, device="cuda", generator=gen).bfloat16()
+    student = (teacher.float() + torch.randn_like(teacher, dtype=torch.float)).bfloat16()
+    student.requires_grad_(True)
+
+    def timed(fn: Callable[[], torch.Tensor]) -> float:
+        times = []
+        for step in range(6):
+            student.grad = None
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn().backward()
+            torch.cuda.synchronize()
+            if step:
+                times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    kl = timed(lambda: full_kl_loss(student, teacher))
+    fast = timed(lambda: dbild_loss(student, teacher))
+    return (
+        f"DBiLD kneedle-256 / full KL time {fast / kl:.2f}x ({fast * 1e3:.0f} / {kl * 1e3:.0f} ms)"
+    )
+
+
+CHECKS = {
+    "dbild_bf16": check_dbild_bf16,
+    "attention": check_attention,
+    "switchkd_bf16": check_switchkd_bf16,
+    "zero3_teacher": check_zero3_teacher,
+    "speed": check_speed,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(CHECKS), help="run these checks only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("SKIP all: no CUDA device")
+        return 0
+    failed = 0
+    for name in args.only or CHECKS:
+        start = time.perf_counter()
+        try:
+            detail = CHECKS[name]()
+            status = "PASS"
+        except Exception as error:  # report every check, then fail overall
+            detail, status = f"{type(error).__name__}: {error}", "FAIL"
+            failed += 1
+        print(f"{status} {name} ({time.perf_counter() - start:.0f} s): {detail}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
