@@ -1,14 +1,28 @@
-"""Make TinyLLaVA Factory importable on Python >= 3.11 without editing its source.
+"""Make TinyLLaVA Factory run on Python >= 3.11 and transformers 4.40.1 to 5.x, without editing it.
 
-The Factory's chat templates (``tinyllava/data/template/*.py``) are dataclasses whose fields
-default to formatter *instances*. Since Python 3.11 ``dataclasses`` rejects any default whose class
-is unhashable ("mutable default ... use default_factory"), and the formatters are themselves
-``eq=True`` dataclasses, hence unhashable. The fix here gives those formatter classes an identity
-hash as soon as their module has executed, before any template module is defined. That restores
-the Python 3.10 behaviour (one shared, never-mutated formatter instance per template class).
+``install()`` puts an import hook in front of the few Factory modules that break; the hook runs a
+fix right before or right after such a module executes. Each fix checks that its breakage is
+present and is a no-op otherwise:
 
-Each fix is a no-op where it is not needed: on Python < 3.11, and on a Factory whose formatter
-classes are already hashable.
+- Python >= 3.11 (``tinyllava.data.template.formatter``, after): the chat templates are
+  dataclasses whose fields default to formatter *instances*; ``dataclasses`` rejects a default
+  whose class is unhashable, and the formatters are ``eq=True`` dataclasses. They get an identity
+  hash, the Python 3.10 behaviour (one shared, never-mutated formatter per template class).
+- transformers >= 4.56 moved ``apply_chunking_to_forward``, ``find_pruneable_heads_and_indices``
+  and ``prune_linear_layer`` out of ``transformers.modeling_utils`` (5.x dropped the second);
+  the Factory's qformer connector imports them from there (before it executes: re-exported).
+- transformers >= 4.53 no longer exports ``ALL_LAYERNORM_LAYERS`` from ``transformers.trainer``;
+  ``tinyllava.train.tinyllava_trainer`` imports it from there (before: re-exported).
+- transformers >= 4.54 reads ``_supports_sdpa`` inside ``PreTrainedModel.__init__``, before the
+  Factory's model has its ``language_model`` (after ``modeling_tinyllava``: the property then
+  answers for the LLM class about to be built).
+- transformers 5.x calls ``model.tie_weights(missing_keys=..., recompute_mapping=...)``; the
+  Factory's override takes no arguments (after: accepted, and the LLM ties its own weights).
+- transformers >= 4.52 calls ``self._get_train_sampler(train_dataset)``; ``LLaVATrainer``'s
+  override takes no argument (after: accepted; the Factory's sampler reads ``self.train_dataset``,
+  which has the same length).
+- transformers 5.x rejects ``Trainer(tokenizer=...)``, which the Factory's ``train()`` passes
+  (after: ``LLaVATrainer`` forwards it as ``processing_class``).
 """
 
 from __future__ import annotations
@@ -17,17 +31,80 @@ import dataclasses
 import importlib
 import importlib.abc
 import importlib.machinery
+import inspect
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 _FORMATTER_MODULE = "tinyllava.data.template.formatter"
-# What the Factory's own training and data code needs; importing them proves the fix worked.
+_QFORMER_MODULE = "tinyllava.model.connector.qformer"
+_MODELING_MODULE = "tinyllava.model.modeling_tinyllava"
+_TRAINER_MODULE = "tinyllava.train.tinyllava_trainer"
+# What the Factory's own training and data code needs; importing them proves the fixes worked.
 _FACTORY_MODULES = ("tinyllava.model", "tinyllava.data", "tinyllava.utils")
+# transformers.modeling_utils names the Factory imports that moved to transformers.pytorch_utils.
+_MOVED_TO_PYTORCH_UTILS = (
+    "apply_chunking_to_forward",
+    "find_pruneable_heads_and_indices",
+    "prune_linear_layer",
+)
+
+
+def _accepts_keyword(func: Callable[..., Any], name: str) -> bool:
+    """Whether ``func`` takes a keyword argument ``name``; decorators' own signatures count, as a
+    deprecation shim taking ``**kwargs`` accepts a renamed keyword that the inner one lacks."""
+    parameters = inspect.signature(func, follow_wrapped=False).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+# ------------------------------------------------------------------ before a module executes
+
+
+def _export_moved_helpers() -> None:
+    """Re-export from ``transformers.modeling_utils`` what moved to ``pytorch_utils``."""
+    from transformers import modeling_utils, pytorch_utils
+
+    for name in _MOVED_TO_PYTORCH_UTILS:
+        if not hasattr(modeling_utils, name):
+            helper = getattr(pytorch_utils, name, None) or _removed_helper(name)
+            setattr(modeling_utils, name, helper)
+
+
+def _removed_helper(name: str) -> Callable[..., Any]:
+    """Stands in for a helper transformers removed; only head pruning would call it."""
+
+    def removed(*args: object, **kwargs: object) -> Any:
+        raise NotImplementedError(
+            f"transformers {_transformers_version()} removed {name}; TinyLLaVA Factory's "
+            "qformer connector cannot prune attention heads on it"
+        )
+
+    removed.__name__ = name
+    return removed
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _export_layernorm_layers() -> None:
+    """Re-export ``ALL_LAYERNORM_LAYERS`` from ``transformers.trainer``."""
+    from transformers import pytorch_utils, trainer
+
+    if not hasattr(trainer, "ALL_LAYERNORM_LAYERS"):
+        trainer.ALL_LAYERNORM_LAYERS = pytorch_utils.ALL_LAYERNORM_LAYERS
+
+
+# ------------------------------------------------------------------- after a module executes
 
 
 def _make_dataclasses_hashable(module: types.ModuleType) -> None:
     """Give every unhashable dataclass defined in ``module`` an identity ``__hash__``."""
+    if sys.version_info < (3, 11):
+        return
     for value in vars(module).values():
         if (
             isinstance(value, type)
@@ -38,8 +115,84 @@ def _make_dataclasses_hashable(module: types.ModuleType) -> None:
             value.__hash__ = object.__hash__
 
 
-class _HashingLoader(importlib.abc.Loader):
-    """Wraps the real loader of the formatter module and patches the module right after it runs."""
+def _fix_model(module: types.ModuleType) -> None:
+    """``_supports_sdpa`` before the LLM exists; ``tie_weights`` with transformers 5's keywords."""
+    from transformers import PreTrainedModel
+
+    base, model = module.TinyLlavaPreTrainedModel, module.TinyLlavaForConditionalGeneration
+    llm_factory = module.LLMFactory
+    original_supports_sdpa = vars(base).get("_supports_sdpa")
+    if (
+        hasattr(PreTrainedModel, "_check_and_adjust_attn_implementation")  # asks in __init__
+        and getattr(original_supports_sdpa, "fget", None) is not None
+        and not getattr(original_supports_sdpa.fget, "_switchkd_compat", False)
+    ):
+        language_model_supports_sdpa = original_supports_sdpa.fget
+
+        def _supports_sdpa(self: Any) -> bool:
+            if "language_model" not in self._modules:
+                return llm_factory(self.config.llm_model_name_or_path)[0]._supports_sdpa
+            return language_model_supports_sdpa(self)
+
+        _supports_sdpa._switchkd_compat = True
+        base._supports_sdpa = property(_supports_sdpa)
+
+    if _accepts_keyword(PreTrainedModel.tie_weights, "recompute_mapping") and not (
+        _accepts_keyword(model.tie_weights, "recompute_mapping")
+    ):
+        original_tie_weights = model.tie_weights
+
+        def tie_weights(self: Any, *args: object, **kwargs: object) -> Any:
+            # The keywords describe this wrapper's own tied keys (it has none); the LLM recomputes
+            # its own mapping when called without them.
+            return original_tie_weights(self)
+
+        model.tie_weights = tie_weights
+
+
+def _fix_trainer(module: types.ModuleType) -> None:
+    """``_get_train_sampler(train_dataset)`` and ``tokenizer=`` for ``LLaVATrainer``."""
+    from transformers import Trainer
+
+    trainer = module.LLaVATrainer
+    base_takes_dataset = len(inspect.signature(Trainer._get_train_sampler).parameters) > 1
+    if base_takes_dataset and len(inspect.signature(trainer._get_train_sampler).parameters) == 1:
+        original_sampler = trainer._get_train_sampler
+
+        def _get_train_sampler(self: Any, train_dataset: object = None) -> Any:
+            return original_sampler(self)
+
+        trainer._get_train_sampler = _get_train_sampler
+
+    if not _accepts_keyword(trainer.__init__, "tokenizer"):
+        original_init = trainer.__init__
+
+        def __init__(self: Any, *args: object, tokenizer: object = None, **kwargs: object) -> None:
+            if tokenizer is not None:
+                if "processing_class" in kwargs:
+                    raise TypeError("pass either tokenizer or processing_class, not both")
+                kwargs["processing_class"] = tokenizer
+            original_init(self, *args, **kwargs)
+
+        trainer.__init__ = __init__
+
+
+_BEFORE: dict[str, Callable[[], None]] = {
+    _QFORMER_MODULE: _export_moved_helpers,
+    _TRAINER_MODULE: _export_layernorm_layers,
+}
+_AFTER: dict[str, Callable[[types.ModuleType], None]] = {
+    _FORMATTER_MODULE: _make_dataclasses_hashable,
+    _MODELING_MODULE: _fix_model,
+    _TRAINER_MODULE: _fix_trainer,
+}
+
+
+# ----------------------------------------------------------------------------- import hook
+
+
+class _FixingLoader(importlib.abc.Loader):
+    """Wraps the real loader of one Factory module and runs its fixes around its execution."""
 
     def __init__(self, inner: importlib.abc.Loader) -> None:
         self._inner = inner
@@ -48,12 +201,16 @@ class _HashingLoader(importlib.abc.Loader):
         return self._inner.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
+        before, after = _BEFORE.get(module.__name__), _AFTER.get(module.__name__)
+        if before is not None:
+            before()
         self._inner.exec_module(module)
-        _make_dataclasses_hashable(module)
+        if after is not None:
+            after(module)
 
 
-class _FormatterFinder(importlib.abc.MetaPathFinder):
-    """Finds only the Factory's formatter module, through the normal path finder."""
+class _FixingFinder(importlib.abc.MetaPathFinder):
+    """Finds only the Factory modules that need a fix, through the normal path finder."""
 
     def find_spec(
         self,
@@ -61,32 +218,31 @@ class _FormatterFinder(importlib.abc.MetaPathFinder):
         path: Sequence[str] | None,
         target: types.ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != _FORMATTER_MODULE:
+        if fullname not in _BEFORE and fullname not in _AFTER:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
             return None
-        spec.loader = _HashingLoader(spec.loader)
+        spec.loader = _FixingLoader(spec.loader)
         return spec
 
 
 def install() -> None:
-    """Install the import-time fixes (idempotent). Call before importing ``tinyllava``."""
-    if sys.version_info < (3, 11):
-        return
-    already_loaded = sys.modules.get(_FORMATTER_MODULE)
-    if already_loaded is not None:
-        # E.g. an earlier import of the templates failed after the formatters had loaded.
-        _make_dataclasses_hashable(already_loaded)
-    if not any(isinstance(finder, _FormatterFinder) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _FormatterFinder())
+    """Install the fixes (idempotent). Call before importing ``tinyllava``; Factory modules that
+    are already loaded get their after-import fixes at once."""
+    for name, fix in _AFTER.items():
+        already_loaded = sys.modules.get(name)
+        if already_loaded is not None:
+            fix(already_loaded)
+    if not any(isinstance(finder, _FixingFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _FixingFinder())
 
 
 def import_tinyllava() -> types.ModuleType:
     """Install the fixes, import the Factory's model, data and utils packages, return ``tinyllava``.
 
     Raises whatever the Factory's import raises (``ModuleNotFoundError`` when it is not on the
-    path; other errors under transformers releases it does not support, e.g. 5.x).
+    path; other errors under a Python or transformers release these fixes do not cover).
     """
     install()
     for name in _FACTORY_MODULES:

@@ -1,17 +1,13 @@
-"""The tiny fixtures themselves: tokenizer, specs, model builders, batches, Factory import fix."""
+"""The tiny fixtures themselves: tokenizer, specs, model builders, batches."""
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-from switchkd_plugin import factory_compat
 from switchkd_plugin.testing import (
     FACTORY_IMAGE_TOKEN_INDEX,
     IGNORE_INDEX,
@@ -186,43 +182,3 @@ def test_make_batch_matches_the_factory_data_pipeline(tinyllava_student) -> None
     batch = make_batch(factory_tokenizer, "tinyllava", n=3)
     for key in ("input_ids", "labels", "attention_mask"):
         assert torch.equal(batch[key], expected[key]), key
-
-
-# ---------------------------------------------------------------------------- factory_compat
-
-
-def _module_with_dataclasses() -> tuple[types.ModuleType, type, type]:
-    module = types.ModuleType("fake_formatter")
-
-    @dataclasses.dataclass
-    class Unhashable:
-        slot: str = ""
-
-    @dataclasses.dataclass(frozen=True)
-    class Hashable:
-        slot: str = ""
-
-    for cls in (Unhashable, Hashable):
-        cls.__module__ = module.__name__
-        setattr(module, cls.__name__, cls)
-    return module, Unhashable, Hashable
-
-
-def test_factory_compat_makes_formatter_defaults_legal_and_nothing_else() -> None:
-    module, unhashable, hashable = _module_with_dataclasses()
-    hashable_hash = hashable.__hash__
-    factory_compat._make_dataclasses_hashable(module)
-    assert hashable.__hash__ is hashable_hash  # already hashable: untouched
-
-    @dataclasses.dataclass
-    class Template:  # what the Factory's templates do; raises on 3.11 without the fix
-        formatter: object = unhashable(slot="x")
-
-    assert Template().formatter == unhashable(slot="x")
-
-
-def test_factory_compat_install_is_idempotent() -> None:
-    factory_compat.install()
-    factory_compat.install()
-    finders = [f for f in sys.meta_path if isinstance(f, factory_compat._FormatterFinder)]
-    assert len(finders) == (1 if sys.version_info >= (3, 11) else 0)
