@@ -1,0 +1,29 @@
+"""Run a TinyLLaVA Factory module with the compatibility fixes installed first.
+
+    python -m switchkd_plugin.factory_run tinyllava.eval.model_vqa_pope --model-path ... [args]
+
+The Factory's patched `train.py` loads this plugin before the Factory, so training needs no
+wrapper. Its other entry points (the eval modules that `scripts/eval/*.sh` run with `python -m`)
+do not import on Python >= 3.11 or newer transformers without the fixes: run them through this
+module instead of `python -m`.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+from . import factory_compat
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip())
+        raise SystemExit(0 if len(sys.argv) >= 2 else 2)
+    module, sys.argv = sys.argv[1], sys.argv[1:]
+    factory_compat.install()
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
