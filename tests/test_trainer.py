@@ -362,3 +362,20 @@ def test_frozen_student_vision_skips_the_switch_pass(
     assert "no trainable parameter" in caplog.text and not trainer._engine.run_switch
     trainer.train()
     assert all("vsd" not in entry for entry in trainer.state.log_history)
+
+
+def test_bf16_training_keeps_the_losses_in_float32(hf_student, hf_teacher, tiny_tokenizer,
+                                                   tmp_path):  # fmt: skip
+    """--bf16: the teacher follows the training dtype, the distillation terms stay float32."""
+    student = copy.deepcopy(hf_student)
+    batches = [make_host_batch(student, tiny_tokenizer, n=2, seed=s) for s in range(2)]
+    teacher = copy.deepcopy(hf_teacher)
+    trainer = _trainer(student, tiny_tokenizer, batches, tmp_path, teacher=teacher,
+                       training={"bf16": True, "max_steps": 2})  # fmt: skip
+    assert next(trainer.teacher.parameters()).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = trainer._engine(batches[0])
+    assert terms.align.dtype == terms.vsd.dtype == terms.ce.dtype == torch.float32
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "ce" in entry]
+    assert logs and all(torch.isfinite(torch.tensor(e["total"])) for e in logs)
