@@ -66,9 +66,12 @@ class ResponseRows:
                 "teacher and student pathways disagree on the response tokens of this batch: "
                 "both models must see the same input_ids and labels"
             )
-        return self.hidden[index] if self.targets.numel() else self.hidden.new_zeros(
-            sample.numel(), self.hidden.shape[-1]
-        ), valid
+        if self.targets.numel():
+            return self.hidden[index], valid
+        # No rows here: zeros, still connected to this pathway's graph, so that its backward runs
+        # on every rank alike (ZeRO-3 gathers the teacher's parameters collectively there).
+        empty = self.hidden.new_zeros(sample.numel(), self.hidden.shape[-1])
+        return empty + self.hidden.sum() * 0, valid
 
 
 @dataclass
@@ -94,6 +97,9 @@ class SwitchKDEngine:
             tokenizer vocabulary; lm_heads may be padded beyond it).
         run_switch: whether the switch pass runs (False when w_vsd = 0 or the student's vision
             encoder is frozen).
+        one_chunk: exactly one lm_head call per pathway, even for a batch without response rows
+            (ZeRO-3 on several ranks, where each call gathers parameters collectively and ranks
+            making different numbers of calls, or in different orders, would deadlock).
     """
 
     def __init__(
@@ -103,10 +109,12 @@ class SwitchKDEngine:
         args: SwitchKDArguments,
         distill_vocab_size: int,
         run_switch: bool,
+        one_chunk: bool = False,
     ) -> None:
         if teacher is None and args.needs_teacher:
             raise ValueError("the align and switch terms need a teacher adapter")
         self.student, self.teacher, self.args = student, teacher, args
+        self.one_chunk = one_chunk
         self.vocab = distill_vocab_size
         self.run_align = teacher is not None and args.w_align > 0
         self.run_switch = teacher is not None and run_switch and args.w_vsd > 0
@@ -195,13 +203,14 @@ class SwitchKDEngine:
             distill_mask = None  # the usual case: every response row is distilled
 
         n = rows.targets.numel()
-        if n == 0:  # no response token: every term is 0, and backward still reaches the student
+        if n == 0 and not self.one_chunk:  # every term is 0; backward still reaches the student
             zero = student_states.sum() * 0
             return StepTerms(zero, zero.detach(), None, None, 0, 0)
-        chunk = self.args.lm_head_chunk_size or n
+        chunk = max(n, 1) if self.one_chunk else (self.args.lm_head_chunk_size or n)
+        chunks = -(-max(n, 1) // chunk)
         losses, term_sums, stats_parts = [], [], []
-        for start in range(0, n, chunk):
-            part = slice(start, start + chunk)
+        for index in range(chunks):
+            part = slice(index * chunk, (index + 1) * chunk)
             pieces = (
                 rows.hidden[part],
                 rows.targets[part],
@@ -209,7 +218,7 @@ class SwitchKDEngine:
                 None if switch_hidden is None else switch_hidden[part],
                 None if distill_mask is None else distill_mask[part],
             )
-            if chunk < n:  # keep one chunk's logits alive at a time; recompute them in backward
+            if chunks > 1:  # keep one chunk's logits alive at a time; recompute them in backward
                 loss, *sums, stats = checkpoint(self._chunk_terms, *pieces, use_reentrant=False)
             else:
                 loss, *sums, stats = self._chunk_terms(*pieces)

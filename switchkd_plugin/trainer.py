@@ -210,7 +210,15 @@ class SwitchKDTrainerMixin:
                     args.w_vsd,
                 )
                 run_switch = False
-        return SwitchKDEngine(student, teacher_adapter, args, vocab, run_switch)
+        one_chunk = _zero3() and self.args.world_size > 1
+        if one_chunk and args.lm_head_chunk_size:
+            logger.warning(
+                "Switch-KD: ZeRO-3 on %d ranks: the lm_heads run on all response rows at once, "
+                "so that every rank makes the same parameter-gathering calls "
+                "(--lm_head_chunk_size is not used)",
+                self.args.world_size,
+            )
+        return SwitchKDEngine(student, teacher_adapter, args, vocab, run_switch, one_chunk)
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
@@ -274,15 +282,17 @@ class SwitchKDTrainerMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **extra)
         window_items = inputs.pop(WINDOW_ITEMS_KEY, None)
         terms = self._run_engine(model, inputs)
+        if not model.training:  # evaluation: the mean over this batch's response tokens
+            loss = terms.loss / max(terms.response_tokens, 1)
+            return (loss, {"loss": loss}) if return_outputs else loss
         # Gradients are averaged over ranks (x world size) and, before 4.46, every micro-batch
         # loss is divided by the accumulation steps (x steps): what remains is sum / tokens.
         scale = self.args.world_size
         if not TRAINER_PASSES_NUM_ITEMS:
             scale *= self.args.gradient_accumulation_steps
         loss = terms.loss / self._normaliser(num_items_in_batch, window_items, terms) * scale
-        if model.training:
-            args = self.switchkd_args
-            self._term_log.add(terms, (args.w_ce, args.w_align, args.w_vsd))
+        args = self.switchkd_args
+        self._term_log.add(terms, (args.w_ce, args.w_align, args.w_vsd))
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

@@ -31,6 +31,8 @@ def main(out_dir: str, world_micro_batches: str, deepspeed: str | None = None) -
     teacher = build_hf_llava(teacher_spec(), tokenizer).requires_grad_(False).eval()
     batch = make_host_batch(student, tokenizer, n=4, seed=7)
     micro = _split(batch, (1, 3))
+    if world_micro_batches == "split-empty":  # one rank's micro-batch has no response token
+        micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
     accumulation = 2 if world_micro_batches == "accumulate" else 1
     on_gpu = os.environ.get("SWITCHKD_DEVICE") == "cuda"  # benchmarks/gpu_check.py
     training = {
@@ -40,7 +42,9 @@ def main(out_dir: str, world_micro_batches: str, deepspeed: str | None = None) -
     }
     if deepspeed:
         training["deepspeed"] = deepspeed
-    trainer = _trainer(student, tokenizer, micro, out_dir, teacher=teacher, training=training)
+    # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.
+    trainer = _trainer(student, tokenizer, micro, out_dir, teacher=teacher, training=training,
+                       lm_head_chunk_size=16)  # fmt: skip
     assert trainer.is_deepspeed_enabled == bool(deepspeed)
     trainer.train()
     trainer.save_model(out_dir)  # gathers ZeRO-3 shards on rank 0

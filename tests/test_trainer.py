@@ -379,3 +379,15 @@ def test_bf16_training_keeps_the_losses_in_float32(hf_student, hf_teacher, tiny_
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "ce" in entry]
     assert logs and all(torch.isfinite(torch.tensor(e["total"])) for e in logs)
+
+
+def test_evaluation_reports_the_mean_over_response_tokens(models, tiny_tokenizer, tmp_path):
+    student, teacher = models
+    batch = make_host_batch(student, tiny_tokenizer, n=3)
+    trainer = _trainer(student, tiny_tokenizer, [batch], tmp_path, teacher=teacher, w_align=0.0,
+                       w_vsd=0.0, training={"gradient_accumulation_steps": 4})  # fmt: skip
+    trainer.eval_dataset = _Batches([batch])
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        expected = student(**batch).loss.item()
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-5)

@@ -37,10 +37,12 @@ def _deepspeed_config(stage: int, tmp_path: Path) -> Path:
     return path
 
 
-def _run(tmp_path: Path, processes: int, stage: int | None) -> dict[str, torch.Tensor]:
+def _run(
+    tmp_path: Path, processes: int, stage: int | None, mode: str | None = None
+) -> dict[str, torch.Tensor]:
     out = tmp_path / f"{processes}-ranks-zero{stage}"
     out.mkdir()
-    mode = "split" if processes > 1 else "accumulate"
+    mode = mode or ("split" if processes > 1 else "accumulate")
     extra = [] if stage is None else [str(_deepspeed_config(stage, tmp_path))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     if stage is not None:
@@ -81,3 +83,12 @@ def _initial_weights() -> dict[str, torch.Tensor]:
     from switchkd_plugin.testing import build_hf_llava, build_tokenizer, student_spec
 
     return build_hf_llava(student_spec(), build_tokenizer()).state_dict()
+
+
+def test_zero3_ranks_stay_in_step_when_one_has_no_response_token(tmp_path):
+    """Each ZeRO-3 lm_head call gathers parameters collectively: a rank with nothing to distil
+    must still make the same calls, or the run deadlocks."""
+    if not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
+    weights = _run(tmp_path, 2, 3, mode="split-empty")
+    assert all(torch.isfinite(value).all() for value in weights.values())

@@ -1,0 +1,122 @@
+"""``python -m switchkd_plugin.demo [run|replicate] ...``: the built-in Switch-KD demo.
+
+With no arguments: build (or reuse the cached) tiny teacher on the synthetic shapes task, train
+one SFT student and one Switch-KD student from the same init, and print the test accuracy of
+all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from switchkd_plugin.demo.pipeline import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_CONFIG,
+    VARIANTS,
+    DemoConfig,
+    run_default,
+    stage,
+)
+
+COMMANDS = ("run", "replicate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m switchkd_plugin.demo",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{run,replicate}")
+    run = commands.add_parser(
+        "run",
+        help="(default) teacher + one SFT and one Switch-KD student; print their accuracy",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    replicate = commands.add_parser(
+        "replicate",
+        help="every student variant x several seeds; write a table, a CSV and plots",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for sub in (run, replicate):
+        sub.add_argument(
+            "--cache-dir",
+            type=Path,
+            default=DEFAULT_CACHE_DIR,
+            help="where the dataset, the trained teacher and finished runs are kept",
+        )
+        sub.add_argument(
+            "--host",
+            choices=("hf_llava", "tinyllava"),
+            default=DEFAULT_CONFIG.host,
+            help="model family (only hf_llava, the transformers LLaVA path, is built so far)",
+        )
+        sub.add_argument(
+            "--student-steps",
+            type=int,
+            default=DEFAULT_CONFIG.student_schedule.steps,
+            help="training steps of each student",
+        )
+        sub.add_argument(
+            "--teacher-steps",
+            type=int,
+            default=DEFAULT_CONFIG.teacher_schedule.steps,
+            help="SFT steps of the teacher (a new value trains and caches a new teacher)",
+        )
+        sub.add_argument(
+            "--threads",
+            type=int,
+            default=1,
+            help="torch CPU threads (1 is fastest for these tiny matrices on a busy machine)",
+        )
+    run.add_argument("--seed", type=int, default=0, help="student init and data-order seed")
+    replicate.add_argument("--seeds", type=int, default=3, help="seeds per variant (0..N-1)")
+    replicate.add_argument(
+        "--variants",
+        nargs="+",
+        choices=tuple(VARIANTS),
+        default=list(VARIANTS),
+        help="student variants to train",
+    )
+    replicate.add_argument(
+        "--out", type=Path, default=Path("results"), help="directory for the outputs"
+    )
+    return parser
+
+
+def _config(args: argparse.Namespace) -> DemoConfig:
+    config = DEFAULT_CONFIG
+    return dataclasses.replace(
+        config,
+        host=args.host,
+        teacher_schedule=dataclasses.replace(config.teacher_schedule, steps=args.teacher_steps),
+        student_schedule=dataclasses.replace(config.student_schedule, steps=args.student_steps),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv = ["run", *argv]  # `run` is the default command
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()  # the Trainer's set-up notices drown the bars
+    start = time.perf_counter()
+    if args.command == "replicate":
+        from switchkd_plugin.demo.experiment import replicate
+
+        replicate(_config(args), args.cache_dir, args.out, args.seeds, args.variants)
+    else:
+        run_default(_config(args), args.cache_dir, seed=args.seed)
+    stage(f"done in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

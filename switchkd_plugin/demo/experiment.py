@@ -1,0 +1,191 @@
+"""The miniature replication: every student variant x several seeds from one cached teacher,
+written as a markdown table, a CSV, and two plots (accuracy; the VSD and align terms over
+training).
+
+Each finished run is kept as JSON under the cache (keyed by the config), so an interrupted
+replication resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from switchkd_plugin.demo.pipeline import (
+    OVERALL,
+    VARIANTS,
+    Accuracy,
+    DemoConfig,
+    DemoContext,
+    StudentRun,
+    _hash,
+    chance_accuracy,
+    prepare,
+    run_student,
+    stage,
+)
+from switchkd_plugin.demo.shapes import QUESTION_TYPES
+
+COLUMNS = (*QUESTION_TYPES, OVERALL)
+
+
+def _cached_run(context: DemoContext, cache_dir: Path, variant: str, seed: int) -> StudentRun:
+    """``run_student``, or its stored result for the same config."""
+    key = _hash(
+        {"config": dataclasses.asdict(context.config), "teacher": context.config.teacher_key()}
+    )
+    path = cache_dir / f"runs-{key}" / f"{variant}-seed{seed}.json"
+    if path.exists():
+        stage(f"{variant} seed {seed}: reusing {path}")
+        return StudentRun(**json.loads(path.read_text()))
+    run = run_student(context, variant, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.asdict(run)))
+    return run
+
+
+def replicate(
+    config: DemoConfig, cache_dir: Path, out_dir: Path, seeds: int, variants: Sequence[str]
+) -> list[StudentRun]:
+    """Train and evaluate ``variants`` x ``seeds`` students; write ``out_dir/results.{md,csv}``,
+    ``accuracy.png`` and ``vsd_over_training.png``."""
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+    context = prepare(config, cache_dir)
+    stage("evaluating the teacher")
+    teacher = context.evaluate(context.teacher, "evaluate teacher")
+    runs = []
+    for seed in range(seeds):
+        for variant in variants:
+            stage(f"student {variant}, seed {seed + 1}/{seeds}")
+            runs.append(_cached_run(context, cache_dir, variant, seed))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.md").write_text(results_markdown(config, teacher, runs, seeds))
+    write_csv(out_dir / "results.csv", teacher, runs)
+    plot_accuracy(out_dir / "accuracy.png", teacher, runs)
+    plot_terms(out_dir / "vsd_over_training.png", runs)
+    stage(f"wrote {out_dir}/results.md, results.csv, accuracy.png, vsd_over_training.png")
+    print((out_dir / "results.md").read_text(), flush=True)
+    return runs
+
+
+def _by_variant(runs: Sequence[StudentRun]) -> dict[str, list[StudentRun]]:
+    grouped: dict[str, list[StudentRun]] = {}
+    for run in runs:
+        grouped.setdefault(run.variant, []).append(run)
+    return grouped
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def results_markdown(
+    config: DemoConfig, teacher: Accuracy, runs: Sequence[StudentRun], seeds: int
+) -> str:
+    """The accuracy table (mean ± std over seeds, %) and the run's settings."""
+    header = "| model | " + " | ".join(COLUMNS) + " |\n|---|" + "---:|" * len(COLUMNS)
+    lines = [header]
+    for name, accuracy in (("teacher", teacher), ("chance", chance_accuracy())):
+        lines.append(
+            f"| {name} | " + " | ".join(f"{100 * accuracy[c]:.1f}" for c in COLUMNS) + " |"
+        )
+    for variant, group in _by_variant(runs).items():
+        cells = []
+        for column in COLUMNS:
+            mean, std = _mean_std([100 * run.accuracy[column] for run in group])
+            cells.append(f"{mean:.1f} ± {std:.1f}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    s, t = config.student_schedule, config.teacher_schedule
+    return (
+        "# Switch-KD miniature replication (transformers LLaVA path)\n\n"
+        f"Held-out test exact-match accuracy (%), {config.task.num_test} questions; students: "
+        f"mean ± std over {seeds} seeds.\n\n" + "\n".join(lines) + "\n\n"
+        f"Teacher: LM {config.teacher.hidden_size}x{config.teacher.num_layers}, SFT {t.steps} "
+        f"steps, lr {t.learning_rate}. Students: LM {config.student.hidden_size}x"
+        f"{config.student.num_layers}, {s.steps} steps, batch {s.batch_size}, lr "
+        f"{s.learning_rate}, vision encoder initialised from the teacher's. Train split: "
+        f"{config.task.num_train}.\n"
+    )
+
+
+def write_csv(path: Path, teacher: Accuracy, runs: Sequence[StudentRun]) -> None:
+    """One row per model and seed (the teacher: seed empty), accuracies as fractions."""
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["model", "seed", *COLUMNS])
+        writer.writerow(["teacher", "", *(f"{teacher[c]:.4f}" for c in COLUMNS)])
+        for run in runs:
+            writer.writerow([run.variant, run.seed, *(f"{run.accuracy[c]:.4f}" for c in COLUMNS)])
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: works without a display
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise SystemExit(
+            "the replication's plots need matplotlib: pip install -e '.[demo]'"
+        ) from error
+    return plt
+
+
+def plot_accuracy(path: Path, teacher: Accuracy, runs: Sequence[StudentRun]) -> None:
+    """Grouped bars: mean accuracy per question type per variant, std as error bars; the
+    teacher and chance as markers."""
+    plt = _pyplot()
+    grouped = _by_variant(runs)
+    figure, axes = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(grouped)
+    for i, (variant, group) in enumerate(grouped.items()):
+        stats = [_mean_std([100 * run.accuracy[c] for run in group]) for c in COLUMNS]
+        positions = [x + (i - (len(grouped) - 1) / 2) * width for x in range(len(COLUMNS))]
+        axes.bar(positions, [m for m, _ in stats], width, yerr=[s for _, s in stats], label=variant)
+    for reference, style in ((teacher, "k_"), (chance_accuracy(), "r_")):
+        axes.plot(range(len(COLUMNS)), [100 * reference[c] for c in COLUMNS], style, ms=40)
+    axes.plot([], [], "k_", label="teacher")
+    axes.plot([], [], "r_", label="chance")
+    axes.set_xticks(range(len(COLUMNS)), COLUMNS)
+    axes.set_ylabel("test exact match (%)")
+    axes.set_ylim(0, 100)
+    axes.legend(ncol=4, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _term_curve(group: Sequence[StudentRun], term: str) -> tuple[list[int], list[float]]:
+    """Mean over seeds of a logged term, per logging step."""
+    steps = [entry["step"] for entry in group[0].log if term in entry]
+    values = [
+        statistics.fmean(entry[term] for run in group for entry in run.log if entry["step"] == step)
+        for step in steps
+    ]
+    return steps, values
+
+
+def plot_terms(path: Path, runs: Sequence[StudentRun]) -> None:
+    """The VSD term (switchkd, vsd_only) and the align term (dbild-family variants) over
+    training, mean over seeds, log scale."""
+    plt = _pyplot()
+    grouped = _by_variant(runs)
+    figure, (vsd_axes, align_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    for axes, term in ((vsd_axes, "vsd"), (align_axes, "align")):
+        for variant, group in grouped.items():
+            if any(term in entry for entry in group[0].log):
+                axes.plot(*_term_curve(group, term), label=variant)
+        axes.set_yscale("symlog", linthresh=1e-4)
+        axes.set_xlabel("training step")
+        axes.set_title(f"{term} term (per response token)")
+        if axes.lines:
+            axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

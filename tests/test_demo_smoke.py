@@ -1,0 +1,70 @@
+"""The built-in demo end to end, at smoke length: teacher, one SFT and one Switch-KD student,
+evaluation table; the smoke teacher beats chance on the held-out test split."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from switchkd_plugin.demo.__main__ import main
+from switchkd_plugin.demo.pipeline import (
+    OVERALL,
+    SMOKE_CONFIG,
+    accuracy_table,
+    chance_accuracy,
+    prepare,
+    run_default,
+)
+from switchkd_plugin.demo.shapes import QUESTION_TYPES
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these tiny matrices run fastest on one thread
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_chance_is_one_over_the_answers_per_type() -> None:
+    chance = chance_accuracy()
+    assert chance["colour"] == pytest.approx(1 / 4) and chance["exists"] == pytest.approx(1 / 2)
+    assert chance[OVERALL] == pytest.approx((1 / 4 + 1 / 3 + 1 / 2 + 1 / 2) / 4)
+
+
+def test_default_pipeline_end_to_end_and_teacher_beats_chance(tmp_path, capsys) -> None:
+    rows = run_default(SMOKE_CONFIG, tmp_path)
+
+    output = capsys.readouterr().out
+    assert "transformers LLaVA path" in output
+    assert accuracy_table(rows) in output
+    assert list(rows) == ["teacher", "SFT student", "Switch-KD student", "chance"]
+    for accuracy in rows.values():
+        assert set(accuracy) == {*QUESTION_TYPES, OVERALL}
+        assert all(0.0 <= value <= 1.0 for value in accuracy.values())
+    # Beats chance by more than two standard deviations of a guesser's accuracy on this split.
+    chance, questions = chance_accuracy()[OVERALL], SMOKE_CONFIG.task.num_test
+    assert rows["teacher"][OVERALL] > chance + 2 * math.sqrt(chance * (1 - chance) / questions)
+
+    # A second run reuses the cached teacher instead of training it again.
+    context = prepare(SMOKE_CONFIG, tmp_path)
+    assert "reusing the cached one" in capsys.readouterr().out
+    first = next(iter(context.teacher.state_dict().values()))
+    assert torch.isfinite(first).all()
+
+
+def test_cli_help_documents_every_flag(capsys) -> None:
+    for argv in (["--help"], ["replicate", "--help"], ["run", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--cache-dir", "--seeds", "--variants", "--out", "--student-steps", "--host"):
+        assert flag in text
+
+
+def test_tinyllava_host_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(NotImplementedError, match="TinyLLaVA"):
+        main(["--host", "tinyllava", "--cache-dir", str(tmp_path)])
