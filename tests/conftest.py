@@ -84,3 +84,18 @@ def models(request: pytest.FixtureRequest) -> tuple[nn.Module, nn.Module]:
     student = request.getfixturevalue(f"{prefix}_student")
     teacher = request.getfixturevalue(f"{prefix}_teacher")
     return copy.deepcopy(student).train(), copy.deepcopy(teacher).requires_grad_(False).eval()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps mixed precision and accumulation steps in process-wide singletons, and
+    TrainingArguments exports them as ACCELERATE_* variables: a Trainer built by one test must
+    not configure the next test's."""
+    environment = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environment)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
