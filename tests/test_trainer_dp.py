@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from test_trainer import assert_same_step
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_dp_worker.py")
@@ -67,16 +68,7 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
 def test_layouts_take_the_same_step(tmp_path, reference, processes, stage):
     if stage is not None and not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
-    weights = _run(tmp_path, processes, stage)
-    start = _initial_weights()
-    moved = False
-    for name, initial in start.items():
-        step, expected = weights[name] - initial, reference[name] - initial
-        size = expected.abs().max().item()
-        moved |= size > 1e-6
-        error = (step - expected).abs().max().item()
-        assert error <= 1e-3 * size + 1e-8, f"{name}: steps differ by {error:.2e} (step {size:.2e})"
-    assert moved
+    assert_same_step(_run(tmp_path, processes, stage), reference, _initial_weights())
 
 
 def _initial_weights() -> dict[str, torch.Tensor]:
