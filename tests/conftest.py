@@ -17,6 +17,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 from torch import nn
 
@@ -24,6 +25,10 @@ from switchkd_plugin.factory_compat import import_tinyllava
 from switchkd_plugin.testing import build_hf_llava, build_tinyllava, build_tokenizer
 from switchkd_plugin.testing import student_spec as _student_spec
 from switchkd_plugin.testing import teacher_spec as _teacher_spec
+
+# The test models are tiny: one thread is fastest, and two OpenMP threads on a 2-core machine
+# that is doing anything else spin-wait for each other (a 6 s test took 200 s).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
