@@ -72,7 +72,7 @@ def raise_if_non_finite(per_row: Tensor, student: Tensor, teacher: Tensor) -> No
     cause = (
         f"NaN/inf in the {' and '.join(bad)} logits"
         if bad
-        else "the logits are finite but the loss overflowed (lower the temperature's inverse?)"
+        else "the logits are finite but the loss overflowed (extreme logits for this temperature?)"
     )
     raise ValueError(
         f"non-finite distillation loss: {cause}; check the model outputs "
