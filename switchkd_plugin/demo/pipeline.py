@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import transformers
@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.config import SwitchKDArguments
-from switchkd_plugin.demo.hf_data import LlavaCollator, LlavaJsonDataset, chat_format_for
 from switchkd_plugin.demo.hf_data import exact_match as _exact_match
+from switchkd_plugin.demo.hosts import DemoHost, host_for
 from switchkd_plugin.demo.shapes import (
     ANSWERS,
     QUESTION_TYPES,
@@ -50,12 +50,10 @@ from switchkd_plugin.demo.shapes import (
 from switchkd_plugin.testing.tiny_models import (
     EOS_TOKEN,
     TinyVLMSpec,
-    build_hf_llava,
     build_tokenizer,
     student_spec,
     teacher_spec,
 )
-from switchkd_plugin.trainer import SwitchKDTrainer
 
 DEFAULT_CACHE_DIR = Path("~/.cache/switchkd_plugin/demo").expanduser()
 # Bump when a change here changes what a cached teacher would be.
@@ -144,81 +142,6 @@ def stage(message: str) -> None:
     print(f"[switchkd demo] {message}", flush=True)
 
 
-# --------------------------------------------------------------------------------- hosts
-
-
-class DemoHost(Protocol):
-    """What the pipeline needs from a model family."""
-
-    label: str  # printed: which path the demo runs on
-
-    def build(self, spec: TinyVLMSpec, tokenizer: Any) -> nn.Module:
-        """A randomly initialised fp32 model from ``spec`` (seeded by ``spec.seed``)."""
-        ...
-
-    def dataset(
-        self, model: nn.Module, tokenizer: Any, paths: LlavaDatasetPaths, split: Split
-    ) -> Dataset:
-        """One split; items are training samples, ``.question_type(i)`` / ``.answer(i)`` give
-        the ground truth."""
-        ...
-
-    def collator(self, tokenizer: Any) -> Callable[[Sequence[dict]], dict]: ...
-
-    def prompts(self, dataset: Dataset, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Left-padded generation prompts of ``indices``, the images under the adapter's key."""
-        ...
-
-
-@dataclass(frozen=True)
-class HFLlavaHost:
-    """transformers' ``LlavaForConditionalGeneration`` (tiny Qwen2 + SigLIP)."""
-
-    system_prompt: bool = False
-    label: str = "transformers LLaVA path (LlavaForConditionalGeneration)"
-
-    def build(self, spec: TinyVLMSpec, tokenizer: Any) -> nn.Module:
-        return build_hf_llava(spec, tokenizer)
-
-    def dataset(
-        self, model: nn.Module, tokenizer: Any, paths: LlavaDatasetPaths, split: Split
-    ) -> LlavaJsonDataset:
-        kwargs = {} if self.system_prompt else {"system_prompt": None}
-        return LlavaJsonDataset(
-            paths.split(split),
-            paths.image_folder,
-            tokenizer,
-            chat=chat_format_for(model, **kwargs),
-            image_size=model.config.vision_config.image_size,
-        )
-
-    def collator(self, tokenizer: Any) -> LlavaCollator:
-        return LlavaCollator(pad_token_id=tokenizer.pad_token_id)
-
-    def prompts(self, dataset: LlavaJsonDataset, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        items = [dataset.generation_inputs(i) for i in indices]
-        width = max(item["input_ids"].shape[1] for item in items)
-        pad = dataset.tokenizer.pad_token_id
-
-        def left_pad(row: torch.Tensor, value: int) -> torch.Tensor:
-            return torch.nn.functional.pad(row, (width - row.shape[1], 0), value=value)
-
-        return {
-            "input_ids": torch.cat([left_pad(item["input_ids"], pad) for item in items]),
-            "attention_mask": torch.cat([left_pad(item["attention_mask"], 0) for item in items]),
-            "pixel_values": torch.cat([item["pixel_values"] for item in items]),
-        }
-
-
-def host_for(config: DemoConfig) -> DemoHost:
-    """The ``DemoHost`` named by ``config.host``."""
-    if config.host == "hf_llava":
-        return HFLlavaHost(system_prompt=config.system_prompt)
-    if config.host == "tinyllava":
-        raise NotImplementedError("the TinyLLaVA Factory host of the demo is not built yet")
-    raise ValueError(f"unknown host {config.host!r}; expected 'hf_llava' or 'tinyllava'")
-
-
 # ------------------------------------------------------------------------------ training
 
 
@@ -253,6 +176,7 @@ _TOKENIZER_KWARG = (
 
 
 def train(
+    host: DemoHost,
     model: nn.Module,
     tokenizer: Any,
     dataset: Dataset,
@@ -267,7 +191,7 @@ def train(
 ) -> list[dict[str, float]]:
     """Train ``model`` in place through ``SwitchKDTrainer``; returns the Trainer's log history
     (per-term ``ce`` / ``align`` / ``vsd`` means every ``logging_steps``)."""
-    args = transformers.TrainingArguments(
+    args = host.training_arguments_class()(
         output_dir=str(output_dir),
         per_device_train_batch_size=schedule.batch_size,
         max_steps=schedule.steps,
@@ -285,7 +209,7 @@ def train(
         dataloader_num_workers=0,
     )
     # Built right before .train(): accelerate keeps accumulation state in a process singleton.
-    trainer = SwitchKDTrainer(
+    trainer = host.trainer_class()(
         model=model,
         args=args,
         switchkd_args=switchkd,
@@ -407,6 +331,7 @@ def _train_teacher(
 ) -> tuple[nn.Module, list[dict[str, float]]]:
     teacher = host.build(config.teacher, tokenizer)
     log = train(
+        host,
         teacher,
         tokenizer,
         host.dataset(teacher, tokenizer, paths, "train"),
@@ -426,7 +351,7 @@ def prepare(config: DemoConfig, cache_dir: Path) -> DemoContext:
     The teacher is cached as a state dict under ``cache_dir/teacher-<config.teacher_key()>``
     with its training log; a cached one is rebuilt from its spec and loaded strictly.
     """
-    host = host_for(config)
+    host = host_for(config.host, system_prompt=config.system_prompt)
     stage(f"path: {host.label}")
     tokenizer = build_tokenizer()
     data_dir = cache_dir / f"shapes-{_hash(dataclasses.asdict(config.task))}"
@@ -491,6 +416,7 @@ def run_student(context: DemoContext, variant: str, seed: int) -> StudentRun:
     student = initial_student(context, seed)
     needs_teacher = switchkd_arguments(variant).needs_teacher
     log = train(
+        context.host,
         student,
         context.tokenizer,
         context.split(student, "train"),
