@@ -248,3 +248,12 @@ def import_tinyllava() -> types.ModuleType:
     for name in _FACTORY_MODULES:
         importlib.import_module(name)
     return sys.modules["tinyllava"]
+
+
+def factory_import_error() -> Exception | None:
+    """Why ``import_tinyllava()`` fails here, or ``None`` when the Factory imports."""
+    try:
+        import_tinyllava()
+    except Exception as error:  # not on the path, a missing dependency, an unsupported release
+        return error
+    return None

@@ -1,8 +1,9 @@
 """``python -m switchkd_plugin.demo [run|replicate] ...``: the built-in Switch-KD demo.
 
-With no arguments: build (or reuse the cached) tiny teacher on the synthetic shapes task, train
-one SFT student and one Switch-KD student from the same init, and print the test accuracy of
-all three.
+With no arguments: pretrain (or reuse) the shared tiny vision encoder, build (or reuse the
+cached) tiny teacher on the synthetic shapes task, train one SFT student and one Switch-KD
+student from the same init, and print the test accuracy of all three. Runs through TinyLLaVA
+Factory when it is importable, else through transformers' LLaVA (``--host``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from switchkd_plugin.demo.hosts import HOSTS
 from switchkd_plugin.demo.pipeline import (
     DEFAULT_CACHE_DIR,
     DEFAULT_CONFIG,
@@ -45,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         help="every student variant x several seeds; write a table, a CSV and plots",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    config = DEFAULT_CONFIG
     for sub in (run, replicate):
         sub.add_argument(
             "--cache-dir",
@@ -54,21 +57,36 @@ def _parser() -> argparse.ArgumentParser:
         )
         sub.add_argument(
             "--host",
-            choices=("hf_llava", "tinyllava"),
-            default=DEFAULT_CONFIG.host,
-            help="model family (only hf_llava, the transformers LLaVA path, is built so far)",
+            choices=HOSTS,
+            default=config.host,
+            help="model family: tinyllava (TinyLLaVA Factory, needs it importable), hf_llava "
+            "(transformers' LLaVA), or auto (tinyllava when importable, else hf_llava)",
         )
         sub.add_argument(
             "--student-steps",
             type=int,
-            default=DEFAULT_CONFIG.student_schedule.steps,
+            default=config.student_schedule.steps,
             help="training steps of each student",
         )
         sub.add_argument(
             "--teacher-steps",
             type=int,
-            default=DEFAULT_CONFIG.teacher_schedule.steps,
+            default=config.teacher_schedule.steps,
             help="SFT steps of the teacher (a new value trains and caches a new teacher)",
+        )
+        sub.add_argument(
+            "--student-warmup-steps",
+            type=int,
+            default=config.student_warmup.steps,
+            help="plain-SFT steps, vision encoder frozen, that warm each seed's student up "
+            "before its variants train (0: students start cold, from a random connector and LM)",
+        )
+        sub.add_argument(
+            "--vision-steps",
+            type=int,
+            default=config.vision_schedule.steps,
+            help="pretraining steps of the shared vision encoder (a new value pretrains and "
+            "caches a new one, and a new teacher)",
         )
         sub.add_argument(
             "--threads",
@@ -96,6 +114,8 @@ def _config(args: argparse.Namespace) -> DemoConfig:
     return dataclasses.replace(
         config,
         host=args.host,
+        vision_schedule=dataclasses.replace(config.vision_schedule, steps=args.vision_steps),
+        student_warmup=dataclasses.replace(config.student_warmup, steps=args.student_warmup_steps),
         teacher_schedule=dataclasses.replace(config.teacher_schedule, steps=args.teacher_steps),
         student_schedule=dataclasses.replace(config.student_schedule, steps=args.student_steps),
     )

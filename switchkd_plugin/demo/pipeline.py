@@ -1,18 +1,18 @@
-"""The demo pipeline: a tiny teacher trained on the shapes task, students distilled from it, and
-greedy exact-match evaluation on the held-out test split.
+"""The demo pipeline: shared vision weights, a tiny teacher trained on the shapes task, students
+distilled from it, and greedy exact-match evaluation on the held-out test split.
 
-Everything model-specific sits behind a ``DemoHost`` (build a model from a spec, read a split,
-collate, make left-padded prompts); training (``SwitchKDTrainer``) and evaluation (a greedy loop
-over the logits) take the host's model and reach its parts through ``adapter_for``. Only the
-transformers LLaVA host (``"hf_llava"``) exists so far; ``"tinyllava"`` is the slot for TinyLLaVA
-Factory.
+Everything model-specific sits behind a ``DemoHost`` (``demo/hosts.py``: build a model from a
+spec, read a split, collate, make left-padded prompts, name the Trainer); training (the host's
+Switch-KD Trainer) and evaluation (a greedy loop over the logits) take the host's model and reach
+its parts through ``adapter_for``.
 
-Shared vision weights (the paper's students and teacher start from the same pretrained SigLIP;
-none is downloadable here): the teacher is trained from random init with plain SFT, its vision
-tower trainable, and every student then starts its vision encoder from the teacher's trained one
-(same architecture), so at step 0 V_S == V_T and the visual-switch term starts at ~0. The
-student's connector and language model start from a random init that depends on the seed only,
-the same for every variant.
+Shared vision weights (the paper's teacher and students start from the same pretrained SigLIP;
+none is downloadable here): one vision encoder of the teacher's architecture is pretrained on
+per-cell shape and colour labels of the train scenes (``demo/vision_pretrain.py``). The teacher
+starts from it and is trained with plain SFT, its vision encoder frozen, so every student, which
+starts its vision encoder from the same pretrained weights, has V_S == V_T at step 0 and the
+visual-switch term starts at 0. The student's connector and language model start from a random
+init that depends on the seed only, the same for every variant.
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ from switchkd_plugin.demo.shapes import (
     LlavaDatasetPaths,
     ShapesTaskConfig,
     Split,
+    generate_splits,
     write_llava_dataset,
 )
+from switchkd_plugin.demo.vision_pretrain import cell_accuracy, cell_labels, pretrain_vision
 from switchkd_plugin.testing.tiny_models import (
     EOS_TOKEN,
     TinyVLMSpec,
@@ -57,7 +59,7 @@ from switchkd_plugin.testing.tiny_models import (
 
 DEFAULT_CACHE_DIR = Path("~/.cache/switchkd_plugin/demo").expanduser()
 # Bump when a change here changes what a cached teacher would be.
-TEACHER_CACHE_VERSION = 1
+TEACHER_CACHE_VERSION = 2
 OVERALL = "overall"
 
 Accuracy = dict[str, float]  # question type (and OVERALL) -> exact-match accuracy
@@ -81,7 +83,8 @@ class TrainSchedule:
 class DemoConfig:
     """Everything that decides a demo run's numbers.
 
-    The student's vision depth is the teacher's: students start from the teacher's vision weights.
+    The student's vision encoder has the teacher's architecture: both start from the same
+    pretrained weights (``vision_schedule``), and the teacher's stays frozen during its SFT.
     ``system_prompt=False`` drops the chat system turn (about 60 tokens of 85) for speed: the
     task does not need it.
     """
@@ -94,27 +97,55 @@ class DemoConfig:
     student: TinyVLMSpec = field(
         default_factory=lambda: student_spec(vision_layers=3, vision_feature_layer=-1)
     )
+    # The shared vision encoder's pretraining on per-cell shape / colour labels.
+    vision_schedule: TrainSchedule = TrainSchedule(steps=600, learning_rate=1e-3, batch_size=32)
     # Learning rates above ~1e-3 leave these tiny models at the answer prior (measured).
-    teacher_schedule: TrainSchedule = TrainSchedule(steps=2000, learning_rate=1e-3)
+    teacher_schedule: TrainSchedule = TrainSchedule(steps=3000, learning_rate=1e-3)
     student_schedule: TrainSchedule = TrainSchedule(steps=600, learning_rate=1e-3)
+    # Steps 0: students start cold (random connector and LM). Else each seed's student is first
+    # warmed up with plain SFT, its vision encoder frozen (as a student whose LM and connector
+    # were trained before the distillation stage), and every variant continues from there.
+    student_warmup: TrainSchedule = TrainSchedule(steps=0, learning_rate=1e-3)
     system_prompt: bool = False
     eval_batch_size: int = 100
     max_new_tokens: int = 3
-    host: str = "hf_llava"
+    host: str = "auto"  # demo/hosts.py: HOSTS
 
-    def teacher_key(self) -> str:
-        """Hash of everything the trained teacher depends on (transformers' version included:
-        state-dict layouts differ across releases)."""
-        content = {
-            "version": TEACHER_CACHE_VERSION,
-            "transformers": transformers.__version__,
-            "host": self.host,
-            "task": dataclasses.asdict(self.task),
-            "teacher": dataclasses.asdict(self.teacher),
-            "schedule": dataclasses.asdict(self.teacher_schedule),
-            "system_prompt": self.system_prompt,
-        }
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    def vision_key(self, host: str) -> str:
+        """Hash of everything the pretrained vision encoder depends on (transformers' version
+        included: state-dict layouts differ across releases); ``host``: the resolved host name."""
+        return _hash(
+            {
+                "version": TEACHER_CACHE_VERSION,
+                "transformers": transformers.__version__,
+                "host": host,
+                "task": dataclasses.asdict(self.task),
+                "teacher": dataclasses.asdict(self.teacher),
+                "vision_schedule": dataclasses.asdict(self.vision_schedule),
+            }
+        )
+
+    def student_key(self, host: str, seed: int) -> str:
+        """Hash of everything a warmed-up student of ``seed`` depends on."""
+        return _hash(
+            {
+                "vision": self.vision_key(host),
+                "student": dataclasses.asdict(self.student),
+                "warmup": dataclasses.asdict(self.student_warmup),
+                "system_prompt": self.system_prompt,
+                "seed": seed,
+            }
+        )
+
+    def teacher_key(self, host: str) -> str:
+        """Hash of everything the trained teacher depends on."""
+        return _hash(
+            {
+                "vision": self.vision_key(host),
+                "schedule": dataclasses.asdict(self.teacher_schedule),
+                "system_prompt": self.system_prompt,
+            }
+        )
 
 
 # The built-in default: fits in 5 minutes on 2 CPU cores with an empty cache.
@@ -122,18 +153,32 @@ DEFAULT_CONFIG = DemoConfig()
 # The CI smoke run: well under a minute.
 SMOKE_CONFIG = DemoConfig(
     task=ShapesTaskConfig(num_train=400, num_val=0, num_test=400, object_fraction=0.85),
+    vision_schedule=TrainSchedule(steps=100, learning_rate=1e-3, batch_size=32),
     teacher_schedule=TrainSchedule(steps=400, learning_rate=1e-3),
     student_schedule=TrainSchedule(steps=10, learning_rate=1e-3, logging_steps=5),
 )
 
-# Each student variant's Switch-KD arguments (same init, data, steps and optimizer for all).
-VARIANTS: dict[str, dict[str, Any]] = {
-    "sft": {"w_align": 0.0, "w_vsd": 0.0},
-    "fkl": {"align_loss": "fkl", "w_vsd": 0.0},
-    "bild": {"align_loss": "bild", "w_vsd": 0.0},
-    "dbild": {"w_vsd": 0.0},
-    "switchkd": {},
-    "vsd_only": {"w_align": 0.0},
+
+@dataclass(frozen=True)
+class StudentVariant:
+    """A student recipe: its ``SwitchKDArguments`` beyond the defaults, and whether its vision
+    encoder stays frozen (at the shared pretrained weights)."""
+
+    switchkd: dict[str, Any] = field(default_factory=dict)
+    freeze_vision: bool = False
+
+
+_NO_DISTILLATION = {"w_align": 0.0, "w_vsd": 0.0}
+# Same init, data, steps and optimizer for all. ``sft_frozen_vision`` is a control: what keeping
+# the pretrained vision encoder fixed gives without any teacher.
+VARIANTS: dict[str, StudentVariant] = {
+    "sft": StudentVariant(_NO_DISTILLATION),
+    "fkl": StudentVariant({"align_loss": "fkl", "w_vsd": 0.0}),
+    "bild": StudentVariant({"align_loss": "bild", "w_vsd": 0.0}),
+    "dbild": StudentVariant({"w_vsd": 0.0}),
+    "switchkd": StudentVariant(),
+    "vsd_only": StudentVariant({"w_align": 0.0}),
+    "sft_frozen_vision": StudentVariant(_NO_DISTILLATION, freeze_vision=True),
 }
 
 
@@ -200,6 +245,7 @@ def train(
         # Steps, not warmup_ratio (gone in transformers 5): the same ceil(ratio * steps) as 4.x.
         warmup_steps=math.ceil(schedule.warmup_ratio * schedule.steps),
         weight_decay=0.0,
+        optim="adamw_torch",  # the Factory's pin; transformers 5 defaults to the fused kernel
         logging_steps=schedule.logging_steps,
         report_to=[],
         save_strategy="no",
@@ -219,17 +265,19 @@ def train(
         data_collator=collator,
         **{_TOKENIZER_KWARG: tokenizer},
     )
-    trainer.remove_callback(transformers.trainer_callback.ProgressCallback)
+    # Our bar replaces the Trainer's (or its printer of log dicts, used when logging is quiet).
+    for callback in (transformers.ProgressCallback, transformers.PrinterCallback):
+        trainer.remove_callback(callback)
     trainer.add_callback(_ProgressBar(description))
     trainer.train()
     model.eval()
     return [entry for entry in trainer.state.log_history if "ce" in entry]
 
 
-def switchkd_arguments(variant: str, **overrides: Any) -> SwitchKDArguments:
+def switchkd_arguments(variant: str) -> SwitchKDArguments:
     """The ``SwitchKDArguments`` of a student variant (``VARIANTS``); the teacher is passed as an
     object, so no path is needed."""
-    options = {**VARIANTS[variant], **overrides}
+    options = VARIANTS[variant].switchkd
     needs_teacher = options.get("w_align", 1.0) > 0 or options.get("w_vsd", 1.0) > 0
     path = "in-memory-teacher" if needs_teacher else None
     return SwitchKDArguments(distill="switchkd", teacher_model_path=path, **options)
@@ -254,8 +302,9 @@ def greedy_decode(
         logits = model(input_ids=ids, attention_mask=mask, **images).logits[:, -1]
         token = logits.argmax(-1, keepdim=True)
         new.append(token)
-        # Finished rows keep generating, ignored below; rows are never right-padded, since
-        # transformers 4.40's LLaVA infers the padding side from the last column.
+        # Finished rows keep generating, ignored below. Rows are never right-padded: the last
+        # position must be each row's own (transformers 4.40's LLaVA infers the padding side
+        # from the last column; the TinyLLaVA host's models re-pad on the left after splicing).
         ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
         if all(eos_id in row for row in torch.cat(new, 1).tolist()):
             break
@@ -302,15 +351,22 @@ def evaluate(
 
 @dataclass
 class DemoContext:
-    """What every run of one config shares: host, tokenizer, data, the trained teacher."""
+    """What every run of one config shares: host, tokenizer, data, the pretrained vision
+    encoder's weights, the trained teacher."""
 
     config: DemoConfig
     host: DemoHost
     tokenizer: Any
     paths: LlavaDatasetPaths
+    vision_state: dict[str, torch.Tensor]
     teacher: nn.Module
-    work_dir: Path
+    cache_dir: Path
     teacher_log: list[dict[str, float]]
+
+    @property
+    def work_dir(self) -> Path:
+        """Where the Trainers' (empty: nothing is saved) output directories go."""
+        return self.cache_dir / "runs"
 
     def split(self, model: nn.Module, split: Split) -> Any:
         return self.host.dataset(model, self.tokenizer, self.paths, split)
@@ -326,10 +382,90 @@ class DemoContext:
         )
 
 
-def _train_teacher(
-    config: DemoConfig, host: DemoHost, tokenizer: Any, paths: LlavaDatasetPaths, work_dir: Path
+def _load_vision(model: nn.Module, vision_state: dict[str, torch.Tensor]) -> None:
+    try:
+        adapter_for(model).vision_module.load_state_dict(vision_state)
+    except RuntimeError as error:
+        raise ValueError(
+            "the student's vision encoder must have the teacher's architecture (width and depth) "
+            f"to start from the shared pretrained weights: {error}"
+        ) from error
+
+
+def _save(files: dict[Path, Any]) -> None:
+    """Write each path's content (tensors with ``torch.save``, else JSON) to a temporary name,
+    then move all into place: an interrupted run leaves nothing half-written behind."""
+    for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        if path.suffix == ".pt":
+            torch.save(content, temporary)
+        else:
+            temporary.write_text(json.dumps(content))
+    for path in files:
+        os.replace(path.with_suffix(".tmp"), path)
+
+
+def _pretrained_vision(
+    config: DemoConfig, host: DemoHost, tokenizer: Any, paths: LlavaDatasetPaths, cache_dir: Path
+) -> dict[str, torch.Tensor]:
+    """The shared vision encoder's pretrained state dict: cached under
+    ``cache_dir/vision-<config.vision_key()>``, else trained now (``demo/vision_pretrain.py``)."""
+    vision_dir = cache_dir / f"vision-{config.vision_key(host.name)}"
+    weights = vision_dir / "vision.pt"
+    if weights.exists():
+        stage(f"shared vision encoder: reusing the pretrained one in {vision_dir}")
+        return torch.load(weights, map_location="cpu", weights_only=True)
+    schedule = config.vision_schedule
+    stage(
+        f"shared vision encoder: pretraining on per-cell shape/colour labels for {schedule.steps} "
+        f"steps (cached afterwards in {vision_dir})"
+    )
+    model = host.build(config.teacher, tokenizer)
+    splits = generate_splits(config.task)
+    image_size = config.task.image_size
+    probe = pretrain_vision(
+        model,
+        cell_labels(splits["train"], paths, image_size),
+        steps=schedule.steps,
+        learning_rate=schedule.learning_rate,
+        batch_size=schedule.batch_size,
+        seed=config.teacher.seed,
+    )
+    accuracy = cell_accuracy(model, probe, cell_labels(splits["test"], paths, image_size))
+    stage(
+        f"shared vision encoder: test-scene cells, shape {100 * accuracy['shape']:.1f}% / "
+        f"colour {100 * accuracy['colour']:.1f}% right (linear probe)"
+    )
+    state = adapter_for(model).vision_module.state_dict()
+    _save({weights: state, vision_dir / "probe_accuracy.json": accuracy})
+    return state
+
+
+def _teacher(
+    config: DemoConfig,
+    host: DemoHost,
+    tokenizer: Any,
+    paths: LlavaDatasetPaths,
+    vision_state: dict[str, torch.Tensor],
+    cache_dir: Path,
 ) -> tuple[nn.Module, list[dict[str, float]]]:
+    """The teacher and its SFT log: cached as a state dict under
+    ``cache_dir/teacher-<config.teacher_key()>`` (rebuilt from its spec and loaded strictly),
+    else trained now from the shared vision weights, its vision encoder frozen."""
+    teacher_dir = cache_dir / f"teacher-{config.teacher_key(host.name)}"
+    weights, log_file = teacher_dir / "model.pt", teacher_dir / "train_log.json"
     teacher = host.build(config.teacher, tokenizer)
+    if weights.exists() and log_file.exists():
+        stage(f"teacher: reusing the cached one in {teacher_dir}")
+        teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return teacher, json.loads(log_file.read_text())
+    stage(
+        f"teacher: training with plain SFT for {config.teacher_schedule.steps} steps, vision "
+        f"encoder frozen (cached afterwards in {teacher_dir})"
+    )
+    _load_vision(teacher, vision_state)
+    adapter_for(teacher).vision_module.requires_grad_(False)
     log = train(
         host,
         teacher,
@@ -338,46 +474,28 @@ def _train_teacher(
         host.collator(tokenizer),
         config.teacher_schedule,
         seed=config.teacher.seed,
-        output_dir=work_dir / "teacher",
+        output_dir=cache_dir / "runs" / "teacher",
         switchkd=switchkd_arguments("sft"),
         description="teacher (SFT)",
     )
+    _save({weights: teacher.state_dict(), log_file: log})
     return teacher, log
 
 
 def prepare(config: DemoConfig, cache_dir: Path) -> DemoContext:
-    """Write (or reuse) the dataset, then train (or load the cached) teacher.
-
-    The teacher is cached as a state dict under ``cache_dir/teacher-<config.teacher_key()>``
-    with its training log; a cached one is rebuilt from its spec and loaded strictly.
-    """
+    """Write (or reuse) the dataset, then pretrain (or load) the shared vision encoder and train
+    (or load) the teacher."""
     host = host_for(config.host, system_prompt=config.system_prompt)
     stage(f"path: {host.label}")
     tokenizer = build_tokenizer()
     data_dir = cache_dir / f"shapes-{_hash(dataclasses.asdict(config.task))}"
     stage(f"dataset: {config.task.num_train} train / {config.task.num_test} test -> {data_dir}")
     paths = write_llava_dataset(config.task, data_dir)
-    teacher_dir = cache_dir / f"teacher-{config.teacher_key()}"
-    weights, log_file = teacher_dir / "model.pt", teacher_dir / "train_log.json"
-    if weights.exists() and log_file.exists():
-        stage(f"teacher: reusing the cached one in {teacher_dir}")
-        teacher = host.build(config.teacher, tokenizer)
-        teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        log = json.loads(log_file.read_text())
-    else:
-        stage(
-            f"teacher: training with plain SFT for {config.teacher_schedule.steps} steps "
-            f"(cached afterwards in {teacher_dir})"
-        )
-        teacher, log = _train_teacher(config, host, tokenizer, paths, cache_dir / "runs")
-        teacher_dir.mkdir(parents=True, exist_ok=True)
-        # Written to temporary names and moved: an interrupted run leaves no half teacher.
-        torch.save(teacher.state_dict(), weights.with_suffix(".tmp"))
-        log_file.with_suffix(".tmp").write_text(json.dumps(log))
-        os.replace(log_file.with_suffix(".tmp"), log_file)
-        os.replace(weights.with_suffix(".tmp"), weights)
+    vision_state = _pretrained_vision(config, host, tokenizer, paths, cache_dir)
+    teacher, log = _teacher(config, host, tokenizer, paths, vision_state, cache_dir)
     teacher.eval()
-    return DemoContext(config, host, tokenizer, paths, teacher, cache_dir / "runs", log)
+    teacher.requires_grad_(False)
+    return DemoContext(config, host, tokenizer, paths, vision_state, teacher, cache_dir, log)
 
 
 def _hash(content: Any) -> str:
@@ -386,18 +504,35 @@ def _hash(content: Any) -> str:
 
 def initial_student(context: DemoContext, seed: int) -> nn.Module:
     """The student every variant of ``seed`` starts from: connector and LM randomly initialised
-    from ``student.seed + seed``, vision encoder copied from the trained teacher."""
-    spec = dataclasses.replace(context.config.student, seed=context.config.student.seed + seed)
+    from ``student.seed + seed``, vision encoder from the shared pretrained weights; then, when
+    ``config.student_warmup.steps > 0``, warmed up with plain SFT, vision frozen (cached under
+    ``cache_dir/student-<config.student_key()>``)."""
+    config = context.config
+    spec = dataclasses.replace(config.student, seed=config.student.seed + seed)
     student = context.host.build(spec, context.tokenizer)
-    source = adapter_for(context.teacher).vision_module
-    target = adapter_for(student).vision_module
-    try:
-        target.load_state_dict(source.state_dict())
-    except RuntimeError as error:
-        raise ValueError(
-            "the student's vision encoder must have the teacher's architecture (width and depth) "
-            f"to start from its weights: {error}"
-        ) from error
+    _load_vision(student, context.vision_state)
+    if config.student_warmup.steps == 0:
+        return student
+    weights = context.cache_dir / f"student-{config.student_key(context.host.name, seed)}.pt"
+    if weights.exists():
+        student.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return student
+    vision = adapter_for(student).vision_module
+    vision.requires_grad_(False)
+    train(
+        context.host,
+        student,
+        context.tokenizer,
+        context.split(student, "train"),
+        context.host.collator(context.tokenizer),
+        config.student_warmup,
+        seed=seed,
+        output_dir=context.work_dir / f"warmup-{seed}",
+        switchkd=switchkd_arguments("sft"),
+        description=f"student warm-up (seed {seed})",
+    )
+    vision.requires_grad_(True)
+    _save({weights: student.state_dict()})
     return student
 
 
@@ -411,10 +546,14 @@ class StudentRun:
     log: list[dict[str, float]]
 
 
-def run_student(context: DemoContext, variant: str, seed: int) -> StudentRun:
-    """Train the ``variant`` student of ``seed`` from ``initial_student`` and evaluate it."""
+def train_student(
+    context: DemoContext, variant: str, seed: int
+) -> tuple[nn.Module, list[dict[str, float]]]:
+    """The ``variant`` student of ``seed``, trained from ``initial_student``, and its log."""
     student = initial_student(context, seed)
-    needs_teacher = switchkd_arguments(variant).needs_teacher
+    if VARIANTS[variant].freeze_vision:
+        adapter_for(student).vision_module.requires_grad_(False)
+    switchkd = switchkd_arguments(variant)
     log = train(
         context.host,
         student,
@@ -424,10 +563,16 @@ def run_student(context: DemoContext, variant: str, seed: int) -> StudentRun:
         context.config.student_schedule,
         seed=seed,
         output_dir=context.work_dir / f"{variant}-{seed}",
-        switchkd=switchkd_arguments(variant),
-        teacher=context.teacher if needs_teacher else None,
+        switchkd=switchkd,
+        teacher=context.teacher if switchkd.needs_teacher else None,
         description=f"student {variant} (seed {seed})",
     )
+    return student, log
+
+
+def run_student(context: DemoContext, variant: str, seed: int) -> StudentRun:
+    """Train the ``variant`` student of ``seed`` and evaluate it."""
+    student, log = train_student(context, variant, seed)
     accuracy = context.evaluate(student, f"evaluate {variant}")
     return StudentRun(variant, seed, accuracy, log)
 

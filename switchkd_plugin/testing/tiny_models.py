@@ -316,11 +316,21 @@ def _check_dispatch(path: Path, registry: dict[str, object], expected: str) -> N
 
 
 def build_tinyllava(
-    spec: TinyVLMSpec, tokenizer: transformers.PreTrainedTokenizerBase, workdir: str | os.PathLike
+    spec: TinyVLMSpec,
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    workdir: str | os.PathLike,
+    *,
+    padding_side: Literal["right", "left"] = "right",
+    select_feature: Literal["patch", "cls_patch"] = "patch",
 ) -> nn.Module:
     """A randomly initialised fp32 ``TinyLlavaForConditionalGeneration``, built as the Factory's
     ``train()`` builds one (without a pretrained checkpoint), all parameters trainable.
 
+    ``padding_side``: the Factory's ``--tokenizer_padding_side``, the side on which the model
+    re-pads its rows after splicing the image features in (and its tokenizer's padding side).
+    ``select_feature``: the Factory's ``--mm_vision_select_feature``; ``"patch"`` drops the first
+    vision token as if it were a CLS token (SigLIP has none: one patch is dropped), ``"cls_patch"``
+    keeps every token.
     Needs TinyLLaVA Factory importable (see ``switchkd_plugin.factory_compat``).
     """
     from switchkd_plugin.factory_compat import import_tinyllava
@@ -344,11 +354,11 @@ def build_tinyllava(
         vision_tower2="",
         connector_type=spec.connector_type,
         mm_vision_select_layer=spec.vision_feature_layer,
-        mm_vision_select_feature="patch",
+        mm_vision_select_feature=select_feature,
         image_aspect_ratio="square",
         model_max_length=spec.max_length,
         tokenizer_use_fast=False,
-        tokenizer_padding_side="right",
+        tokenizer_padding_side=padding_side,
     )
     config = TinyLlavaConfig()
     config.load_from_config(model_arguments)

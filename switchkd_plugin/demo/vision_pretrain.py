@@ -1,0 +1,163 @@
+"""The demo's shared vision weights: a short supervised pretraining of the vision encoder.
+
+The paper's teacher and student start from the same pretrained SigLIP; no pretrained vision
+encoder can be downloaded here, and one trained only through the language model learns the shapes
+too slowly for a tiny teacher to beat a tiny student. So the demo pretrains one encoder (the
+teacher's architecture) on what the scenes are made of: for each cell of the 2x2 grid, which shape
+(or none) and which colour (or none) it holds. A linear probe on the encoder's output features
+(the ones the connector reads), average-pooled onto the grid, predicts both; the probe is thrown
+away afterwards. Teacher and students then start from these weights.
+
+Labels come from the train split's scenes only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from switchkd_plugin.adapters import adapter_for
+from switchkd_plugin.demo.hf_data import load_pixel_values
+from switchkd_plugin.demo.shapes import (
+    COLOURS,
+    GRID,
+    SHAPES,
+    LlavaDatasetPaths,
+    ShapesSample,
+)
+
+EMPTY = 0  # class 0 of both labels: no shape in the cell
+
+
+@dataclass(frozen=True)
+class CellLabels:
+    """Images and per-cell labels of a set of scenes.
+
+    ``pixel_values`` [N, 3, H, W]; ``shapes`` and ``colours`` [N, GRID * GRID] (row-major cells),
+    0 for an empty cell, else 1 + the index in ``SHAPES`` / ``COLOURS``.
+    """
+
+    pixel_values: Tensor
+    shapes: Tensor
+    colours: Tensor
+
+    def __len__(self) -> int:
+        return self.pixel_values.shape[0]
+
+
+def cell_labels(
+    samples: Sequence[ShapesSample], paths: LlavaDatasetPaths, image_size: int
+) -> CellLabels:
+    """The ``CellLabels`` of the distinct images of ``samples``, read from ``paths`` with the
+    same preprocessing as training."""
+    unique = {sample.image_file: sample for sample in samples}
+    shapes = torch.zeros(len(unique), GRID * GRID, dtype=torch.long)
+    colours = torch.zeros_like(shapes)
+    pixels = []
+    colour_names = list(COLOURS)
+    for i, (image_file, sample) in enumerate(unique.items()):
+        pixels.append(load_pixel_values(Path(paths.image_folder) / image_file, image_size))
+        for obj in sample.objects:
+            cell = obj.row * GRID + obj.column
+            shapes[i, cell] = 1 + SHAPES.index(obj.shape)
+            colours[i, cell] = 1 + colour_names.index(obj.colour)
+    return CellLabels(torch.stack(pixels), shapes, colours)
+
+
+class CellProbe(nn.Module):
+    """Vision features [B, P, D] (P a square number of patches, divisible onto the grid) ->
+    shape logits [B, GRID * GRID, 1 + len(SHAPES)] and colour logits [B, GRID * GRID,
+    1 + len(COLOURS)]."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.shape_head = nn.Linear(width, 1 + len(SHAPES))
+        self.colour_head = nn.Linear(width, 1 + len(COLOURS))
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        batch, patches, width = features.shape
+        side = math.isqrt(patches)
+        if side * side != patches or side % GRID:
+            raise ValueError(
+                f"{patches} vision tokens do not form a square patch grid divisible into "
+                f"{GRID}x{GRID} cells; use a patch size that divides image_size / {GRID}"
+            )
+        grid = features.reshape(batch, side, side, width).permute(0, 3, 1, 2)
+        cells = nn.functional.adaptive_avg_pool2d(grid, GRID).flatten(2).transpose(1, 2)
+        return self.shape_head(cells), self.colour_head(cells)
+
+
+def probe_loss(probe: CellProbe, features: Tensor, labels: CellLabels) -> Tensor:
+    """Mean cross-entropy over cells, shape and colour summed."""
+    shape_logits, colour_logits = probe(features)
+    cross_entropy = nn.functional.cross_entropy
+    return cross_entropy(shape_logits.flatten(0, 1), labels.shapes.flatten()) + cross_entropy(
+        colour_logits.flatten(0, 1), labels.colours.flatten()
+    )
+
+
+@torch.no_grad()
+def cell_accuracy(model: nn.Module, probe: CellProbe, labels: CellLabels) -> dict[str, float]:
+    """Share of cells whose shape / colour label the probe gets right."""
+    adapter = adapter_for(model)
+    hits = {"shape": 0, "colour": 0}
+    for start in range(0, len(labels), 256):
+        features = adapter.encode_vision(labels.pixel_values[start : start + 256])
+        shape_logits, colour_logits = probe(features)
+        hits["shape"] += (shape_logits.argmax(-1) == labels.shapes[start : start + 256]).sum()
+        hits["colour"] += (colour_logits.argmax(-1) == labels.colours[start : start + 256]).sum()
+    return {name: int(count) / labels.shapes.numel() for name, count in hits.items()}
+
+
+def pretrain_vision(
+    model: nn.Module,
+    labels: CellLabels,
+    *,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    description: str = "vision pretraining",
+) -> CellProbe:
+    """Train ``model``'s vision encoder (in place) and a fresh ``CellProbe`` on ``labels``:
+    AdamW, 5% linear warm-up then cosine decay, no weight decay. Returns the probe."""
+    adapter = adapter_for(model)
+    vision = adapter.vision_module
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        probe = CellProbe(adapter.vision_output_width)
+    parameters = [*vision.parameters(), *probe.parameters()]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    scheduler = transformers.get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(0.05 * steps), steps
+    )
+    vision.train()
+    order = torch.empty(0, dtype=torch.long)
+    bar = tqdm(range(steps), desc=description, dynamic_ncols=True)
+    for step in bar:
+        if len(order) < batch_size:  # a new epoch, shuffled with the seeded generator
+            order = torch.cat([order, torch.randperm(len(labels), generator=generator)])
+        batch, order = order[:batch_size], order[batch_size:]
+        batch_labels = CellLabels(
+            labels.pixel_values[batch], labels.shapes[batch], labels.colours[batch]
+        )
+        loss = probe_loss(probe, adapter.encode_vision(batch_labels.pixel_values), batch_labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3g}")
+    bar.close()
+    vision.eval()
+    return probe
