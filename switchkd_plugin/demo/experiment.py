@@ -96,18 +96,22 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def results_markdown(
     config: DemoConfig, host_label: str, teacher: Accuracy, runs: Sequence[StudentRun], seeds: int
 ) -> str:
-    """The accuracy table (mean ± std over seeds, %) and the run's settings."""
-    header = "| model | " + " | ".join(COLUMNS) + " |\n|---|" + "---:|" * len(COLUMNS)
-    lines = [header]
+    """The accuracy table (mean ± std over seeds, %) and the run's settings. With an ``sft``
+    variant, a last column gives each variant's overall gain over it, paired by seed (the
+    variants of a seed share init and data order, so the pairing removes most seed noise)."""
+    grouped = _by_variant(runs)
+    sft = {run.seed: run.accuracy[OVERALL] for run in grouped.get("sft", [])}
+    gain = ["overall − sft, paired"] if sft else []
+    header = "| model | " + " | ".join([*COLUMNS, *gain]) + " |"
+    lines = [header, "|---|" + "---:|" * (len(COLUMNS) + len(gain))]
     for name, accuracy in (("teacher", teacher), ("chance", chance_accuracy())):
-        lines.append(
-            f"| {name} | " + " | ".join(f"{100 * accuracy[c]:.1f}" for c in COLUMNS) + " |"
-        )
-    for variant, group in _by_variant(runs).items():
-        cells = []
-        for column in COLUMNS:
-            mean, std = _mean_std([100 * run.accuracy[column] for run in group])
-            cells.append(f"{mean:.1f} ± {std:.1f}")
+        cells = [f"{100 * accuracy[c]:.1f}" for c in COLUMNS] + [""] * len(gain)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for variant, group in grouped.items():
+        values = [[100 * run.accuracy[column] for run in group] for column in COLUMNS]
+        if sft:
+            values.append([100 * (run.accuracy[OVERALL] - sft[run.seed]) for run in group])
+        cells = ["{:.1f} ± {:.1f}".format(*_mean_std(column)) for column in values]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     s, t, v = config.student_schedule, config.teacher_schedule, config.vision_schedule
     start = (

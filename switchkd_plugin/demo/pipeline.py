@@ -58,8 +58,9 @@ from switchkd_plugin.testing.tiny_models import (
 )
 
 DEFAULT_CACHE_DIR = Path("~/.cache/switchkd_plugin/demo").expanduser()
-# Bump when a change here changes what a cached teacher would be.
-TEACHER_CACHE_VERSION = 2
+# Bump when a change here changes what a cached vision encoder, teacher or warmed-up student
+# would be (all three keys include it).
+MODEL_CACHE_VERSION = 2
 OVERALL = "overall"
 
 Accuracy = dict[str, float]  # question type (and OVERALL) -> exact-match accuracy
@@ -89,7 +90,7 @@ class DemoConfig:
     task does not need it.
     """
 
-    # Larger shapes (14 of 16 px per cell) and the last vision layer: learnt faster from scratch.
+    # Larger shapes (14 of 16 px per cell) and the last vision layer: learnt faster.
     task: ShapesTaskConfig = field(
         default_factory=lambda: ShapesTaskConfig(num_train=4000, object_fraction=0.85)
     )
@@ -116,7 +117,7 @@ class DemoConfig:
         included: state-dict layouts differ across releases); ``host``: the resolved host name."""
         return _hash(
             {
-                "version": TEACHER_CACHE_VERSION,
+                "version": MODEL_CACHE_VERSION,
                 "transformers": transformers.__version__,
                 "host": host,
                 "task": dataclasses.asdict(self.task),
