@@ -104,6 +104,16 @@ def test_without_the_factory_auto_is_hf_llava_and_tinyllava_says_how_to_fix() ->
     assert "PYTHONPATH" in str(error.value) and "README" in str(error.value)
 
 
+@needs_no_factory
+def test_auto_says_why_when_a_factory_on_the_path_does_not_import(tmp_path, monkeypatch) -> None:
+    broken = tmp_path / "tinyllava"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('needs a package this env lacks')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(UserWarning, match="does not import .*needs a package this env lacks"):
+        assert isinstance(host_for("auto"), HFLlavaHost)
+
+
 # ---------------------------------------------------------------------------------- models
 
 

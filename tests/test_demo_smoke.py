@@ -70,6 +70,27 @@ def test_cli_help_documents_every_flag(capsys) -> None:
 
 
 @pytest.mark.skipif(factory_import_error() is None, reason="TinyLLaVA Factory is importable here")
-def test_tinyllava_host_without_the_factory_is_a_clear_error(tmp_path) -> None:
-    with pytest.raises(ImportError, match="put a TinyLLaVA Factory checkout on PYTHONPATH"):
+def test_tinyllava_host_without_the_factory_is_a_clear_error(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
         main(["--host", "tinyllava", "--cache-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "put a TinyLLaVA Factory checkout on PYTHONPATH" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--student-steps", "0"],
+        ["--teacher-steps", "-5"],
+        ["--student-warmup-steps", "-1"],
+        ["--threads", "0"],
+        ["replicate", "--seeds", "0"],
+    ],
+)
+def test_cli_rejects_step_counts_out_of_range(argv, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--cache-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "must be >= " in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -12,12 +12,13 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
 
-from switchkd_plugin.demo.hosts import HOSTS
+from switchkd_plugin.demo.hosts import HOSTS, host_for
 from switchkd_plugin.demo.pipeline import (
     DEFAULT_CACHE_DIR,
     DEFAULT_CONFIG,
@@ -28,6 +29,18 @@ from switchkd_plugin.demo.pipeline import (
 )
 
 COMMANDS = ("run", "replicate")
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,38 +77,40 @@ def _parser() -> argparse.ArgumentParser:
         )
         sub.add_argument(
             "--student-steps",
-            type=int,
+            type=_at_least(1),
             default=config.student_schedule.steps,
             help="training steps of each student",
         )
         sub.add_argument(
             "--teacher-steps",
-            type=int,
+            type=_at_least(1),
             default=config.teacher_schedule.steps,
             help="SFT steps of the teacher (a new value trains and caches a new teacher)",
         )
         sub.add_argument(
             "--student-warmup-steps",
-            type=int,
+            type=_at_least(0),
             default=config.student_warmup.steps,
             help="plain-SFT steps, vision encoder frozen, that warm each seed's student up "
             "before its variants train (0: students start cold, from a random connector and LM)",
         )
         sub.add_argument(
             "--vision-steps",
-            type=int,
+            type=_at_least(1),
             default=config.vision_schedule.steps,
             help="pretraining steps of the shared vision encoder (a new value pretrains and "
             "caches a new one, and a new teacher)",
         )
         sub.add_argument(
             "--threads",
-            type=int,
+            type=_at_least(1),
             default=1,
             help="torch CPU threads (1 is fastest for these tiny matrices on a busy machine)",
         )
     run.add_argument("--seed", type=int, default=0, help="student init and data-order seed")
-    replicate.add_argument("--seeds", type=int, default=3, help="seeds per variant (0..N-1)")
+    replicate.add_argument(
+        "--seeds", type=_at_least(1), default=3, help="seeds per variant (0..N-1)"
+    )
     replicate.add_argument(
         "--variants",
         nargs="+",
@@ -125,7 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["run", *argv]  # `run` is the default command
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.host == "tinyllava":
+        try:
+            host_for(args.host)  # before any work: a missing Factory is a usage error
+        except ImportError as error:
+            parser.error(str(error))
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()  # the Trainer's set-up notices drown the bars
     start = time.perf_counter()

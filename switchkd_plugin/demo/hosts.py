@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import io
 import itertools
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,11 +316,17 @@ def host_for(name: str, *, system_prompt: bool = False) -> DemoHost:
     error = factory_import_error()
     if error is None:
         return TinyLlavaHost(system_prompt=system_prompt)
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     if name == "auto":
+        if importlib.util.find_spec("tinyllava") is not None:  # there, but broken: say why
+            warnings.warn(
+                f"TinyLLaVA Factory is on the path but does not import ({reason}); the demo "
+                "takes the transformers LLaVA path instead",
+                stacklevel=2,
+            )
         return HFLlavaHost(system_prompt=system_prompt)
-    reason = str(error).splitlines()[0] if str(error) else ""
     raise ImportError(
         f"the tinyllava host needs TinyLLaVA Factory importable, and it is not "
-        f"({type(error).__name__}: {reason}): put a TinyLLaVA Factory checkout on PYTHONPATH, "
+        f"({reason}): put a TinyLLaVA Factory checkout on PYTHONPATH, "
         "with peft and deepspeed installed (see the README), or use the hf_llava host"
     ) from error
