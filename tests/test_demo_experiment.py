@@ -8,7 +8,6 @@ import dataclasses
 import statistics
 
 import pytest
-import torch
 
 from switchkd_plugin.demo.experiment import COLUMNS, replicate, results_markdown
 from switchkd_plugin.demo.pipeline import (
@@ -19,14 +18,6 @@ from switchkd_plugin.demo.pipeline import (
     chance_accuracy,
 )
 from switchkd_plugin.demo.shapes import ShapesTaskConfig
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(variant: str, seed: int, overall: float) -> StudentRun:

@@ -22,14 +22,6 @@ from switchkd_plugin.demo.shapes import QUESTION_TYPES
 from switchkd_plugin.factory_compat import factory_import_error
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # these tiny matrices run fastest on one thread
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_chance_is_one_over_the_answers_per_type() -> None:
     chance = chance_accuracy()
     assert chance["colour"] == pytest.approx(1 / 4) and chance["exists"] == pytest.approx(1 / 2)

@@ -44,14 +44,6 @@ def tiny_config(vision_steps: int = 2, teacher_steps: int = 2, **fields: object)
     )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory):
     paths = write_llava_dataset(TASK, tmp_path_factory.mktemp("shapes"))

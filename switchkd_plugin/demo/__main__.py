@@ -31,6 +31,32 @@ from switchkd_plugin.demo.pipeline import (
 COMMANDS = ("run", "replicate")
 
 
+# The step-count flags: (flag, the DemoConfig schedule whose steps it sets, least value, help).
+_STEP_FLAGS = (
+    (
+        "--vision-steps",
+        "vision_schedule",
+        1,
+        "pretraining steps of the shared vision encoder (a new value pretrains and caches a new "
+        "one, and a new teacher)",
+    ),
+    (
+        "--teacher-steps",
+        "teacher_schedule",
+        1,
+        "SFT steps of the teacher (a new value trains and caches a new teacher)",
+    ),
+    (
+        "--student-warmup-steps",
+        "student_warmup",
+        0,
+        "plain-SFT steps, vision encoder frozen, that warm each seed's student up before its "
+        "variants train (0: students start cold, from a random connector and LM)",
+    ),
+    ("--student-steps", "student_schedule", 1, "training steps of each student"),
+)
+
+
 def _at_least(minimum: int) -> Callable[[str], int]:
     """An argparse ``type``: an integer >= ``minimum``."""
 
@@ -75,32 +101,15 @@ def _parser() -> argparse.ArgumentParser:
             help="model family: tinyllava (TinyLLaVA Factory, needs it importable), hf_llava "
             "(transformers' LLaVA), or auto (tinyllava when importable, else hf_llava)",
         )
-        sub.add_argument(
-            "--student-steps",
-            type=_at_least(1),
-            default=config.student_schedule.steps,
-            help="training steps of each student",
-        )
-        sub.add_argument(
-            "--teacher-steps",
-            type=_at_least(1),
-            default=config.teacher_schedule.steps,
-            help="SFT steps of the teacher (a new value trains and caches a new teacher)",
-        )
-        sub.add_argument(
-            "--student-warmup-steps",
-            type=_at_least(0),
-            default=config.student_warmup.steps,
-            help="plain-SFT steps, vision encoder frozen, that warm each seed's student up "
-            "before its variants train (0: students start cold, from a random connector and LM)",
-        )
-        sub.add_argument(
-            "--vision-steps",
-            type=_at_least(1),
-            default=config.vision_schedule.steps,
-            help="pretraining steps of the shared vision encoder (a new value pretrains and "
-            "caches a new one, and a new teacher)",
-        )
+        for flag, schedule, least, help_text in _STEP_FLAGS:
+            sub.add_argument(
+                flag,
+                dest=schedule,
+                metavar="N",
+                type=_at_least(least),
+                default=getattr(config, schedule).steps,
+                help=help_text,
+            )
         sub.add_argument(
             "--threads",
             type=_at_least(1),
@@ -126,14 +135,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> DemoConfig:
     config = DEFAULT_CONFIG
-    return dataclasses.replace(
-        config,
-        host=args.host,
-        vision_schedule=dataclasses.replace(config.vision_schedule, steps=args.vision_steps),
-        student_warmup=dataclasses.replace(config.student_warmup, steps=args.student_warmup_steps),
-        teacher_schedule=dataclasses.replace(config.teacher_schedule, steps=args.teacher_steps),
-        student_schedule=dataclasses.replace(config.student_schedule, steps=args.student_steps),
-    )
+    schedules = {
+        schedule: dataclasses.replace(getattr(config, schedule), steps=getattr(args, schedule))
+        for _, schedule, _, _ in _STEP_FLAGS
+    }
+    return dataclasses.replace(config, host=args.host, **schedules)
 
 
 def main(argv: list[str] | None = None) -> None:

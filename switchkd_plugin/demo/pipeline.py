@@ -23,7 +23,6 @@ import inspect
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,8 +234,8 @@ def train(
     teacher: nn.Module | None = None,
     description: str = "train",
 ) -> list[dict[str, float]]:
-    """Train ``model`` in place through ``SwitchKDTrainer``; returns the Trainer's log history
-    (per-term ``ce`` / ``align`` / ``vsd`` means every ``logging_steps``)."""
+    """Train ``model`` in place through the host's Switch-KD Trainer; returns the Trainer's log
+    history (per-term ``ce`` / ``align`` / ``vsd`` means every ``logging_steps``)."""
     args = host.training_arguments_class()(
         output_dir=str(output_dir),
         per_device_train_batch_size=schedule.batch_size,
@@ -278,10 +277,12 @@ def train(
 def switchkd_arguments(variant: str) -> SwitchKDArguments:
     """The ``SwitchKDArguments`` of a student variant (``VARIANTS``); the teacher is passed as an
     object, so no path is needed."""
-    options = VARIANTS[variant].switchkd
-    needs_teacher = options.get("w_align", 1.0) > 0 or options.get("w_vsd", 1.0) > 0
-    path = "in-memory-teacher" if needs_teacher else None
-    return SwitchKDArguments(distill="switchkd", teacher_model_path=path, **options)
+    arguments = SwitchKDArguments(
+        distill="switchkd", teacher_model_path="in-memory-teacher", **VARIANTS[variant].switchkd
+    )
+    if arguments.needs_teacher:
+        return arguments
+    return dataclasses.replace(arguments, teacher_model_path=None)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -362,7 +363,6 @@ class DemoContext:
     vision_state: dict[str, torch.Tensor]
     teacher: nn.Module
     cache_dir: Path
-    teacher_log: list[dict[str, float]]
 
     @property
     def work_dir(self) -> Path:
@@ -450,8 +450,8 @@ def _teacher(
     paths: LlavaDatasetPaths,
     vision_state: dict[str, torch.Tensor],
     cache_dir: Path,
-) -> tuple[nn.Module, list[dict[str, float]]]:
-    """The teacher and its SFT log: cached as a state dict under
+) -> nn.Module:
+    """The teacher: cached as a state dict (and its SFT log, for inspection) under
     ``cache_dir/teacher-<config.teacher_key()>`` (rebuilt from its spec and loaded strictly),
     else trained now from the shared vision weights, its vision encoder frozen."""
     teacher_dir = cache_dir / f"teacher-{config.teacher_key(host.name)}"
@@ -460,7 +460,7 @@ def _teacher(
     if weights.exists() and log_file.exists():
         stage(f"teacher: reusing the cached one in {teacher_dir}")
         teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        return teacher, json.loads(log_file.read_text())
+        return teacher
     stage(
         f"teacher: training with plain SFT for {config.teacher_schedule.steps} steps, vision "
         f"encoder frozen (cached afterwards in {teacher_dir})"
@@ -480,7 +480,7 @@ def _teacher(
         description="teacher (SFT)",
     )
     _save({weights: teacher.state_dict(), log_file: log})
-    return teacher, log
+    return teacher
 
 
 def prepare(config: DemoConfig, cache_dir: Path) -> DemoContext:
@@ -493,10 +493,10 @@ def prepare(config: DemoConfig, cache_dir: Path) -> DemoContext:
     stage(f"dataset: {config.task.num_train} train / {config.task.num_test} test -> {data_dir}")
     paths = write_llava_dataset(config.task, data_dir)
     vision_state = _pretrained_vision(config, host, tokenizer, paths, cache_dir)
-    teacher, log = _teacher(config, host, tokenizer, paths, vision_state, cache_dir)
+    teacher = _teacher(config, host, tokenizer, paths, vision_state, cache_dir)
     teacher.eval()
     teacher.requires_grad_(False)
-    return DemoContext(config, host, tokenizer, paths, vision_state, teacher, cache_dir, log)
+    return DemoContext(config, host, tokenizer, paths, vision_state, teacher, cache_dir)
 
 
 def _hash(content: Any) -> str:
@@ -605,10 +605,6 @@ def run_default(config: DemoConfig, cache_dir: Path, seed: int = 0) -> dict[str,
         stage(f"{name}: {config.student_schedule.steps} steps from the shared init (seed {seed})")
         rows[name] = run_student(context, variant, seed).accuracy
     rows["chance"] = chance_accuracy()
-    stage(
-        f"test-split exact-match accuracy (%), {len(context.split(context.teacher, 'test'))} "
-        "questions"
-    )
+    stage(f"test-split exact-match accuracy (%), {config.task.num_test} questions")
     print(accuracy_table(rows), flush=True)
-    sys.stdout.flush()
     return rows
