@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import MultimodalInputs, VLMAdapter
+from .adapters import VLMAdapter
 from .config import SwitchKDArguments
 from .divergences import make_divergence
 from .losses import KStats
@@ -123,16 +123,11 @@ class SwitchKDEngine:
 
     # ------------------------------------------------------------------------------ passes
 
-    def _pathway(self, adapter: VLMAdapter, batch: dict, image_embeds: Tensor) -> MultimodalInputs:
-        return adapter.build_inputs(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], image_embeds
-        )
-
     def _teacher_rows(self, batch: dict) -> ResponseRows:
         teacher = self.teacher
         with torch.no_grad():
-            features = teacher.encode_vision(batch[self.student.images_key])
-            inputs = self._pathway(teacher, batch, teacher.project(features))
+            features = teacher.vision_features(batch)
+            inputs = teacher.pathway_inputs(batch, teacher.project(features))
             return ResponseRows.from_pathway(teacher.decode(inputs), inputs.labels)
 
     def _switch_rows(self, student_features: Tensor, student_embeds: Tensor, batch) -> ResponseRows:
@@ -141,7 +136,7 @@ class SwitchKDEngine:
             embeds = teacher.project(student_features)
         else:
             embeds = student_embeds.to(teacher.input_embeddings.weight.dtype)
-        inputs = self._pathway(teacher, batch, embeds)
+        inputs = teacher.pathway_inputs(batch, embeds)
         if self.args.teacher_gradient_checkpointing:
             hidden = checkpoint(
                 lambda e: teacher.decode(replace(inputs, inputs_embeds=e)),
@@ -185,9 +180,9 @@ class SwitchKDEngine:
         """batch: `input_ids`, `attention_mask`, `labels` `[B, T]` and the images
         (`images` / `pixel_values` `[B, 3, h, w]`)."""
         student = self.student
-        features = student.encode_vision(batch[student.images_key])
+        features = student.vision_features(batch)
         embeds = student.project(features)
-        inputs = self._pathway(student, batch, embeds)
+        inputs = student.pathway_inputs(batch, embeds)
         student_states = student.decode(inputs)
         rows = ResponseRows.from_pathway(student_states, inputs.labels)
 

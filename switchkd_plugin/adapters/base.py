@@ -123,6 +123,21 @@ class VLMAdapter(ABC):
             self.splice_rules(attention_mask),
         )
 
+    # ------------------------------------------------------------------- batch-level stages
+    # What the engine calls: each adapter reads the image inputs its host's collator produces
+    # (pixel values and whatever goes with them), so no host-specific key lives in the engine.
+
+    def vision_features(self, batch: dict) -> Tensor:
+        """The vision-encoder output for a host batch (the input of ``project``)."""
+        return self.encode_vision(batch[self.images_key])
+
+    def pathway_inputs(self, batch: dict, image_embeds: Tensor) -> MultimodalInputs:
+        """The decoder inputs of one pathway: this model's text embeddings of the batch with
+        ``image_embeds`` (any pathway's projected features) spliced in."""
+        return self.build_inputs(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], image_embeds
+        )
+
     def decode(self, inputs: MultimodalInputs) -> Tensor:
         """Decoder final hidden states (after the final norm, before ``lm_head``): [B, S, H]."""
         outputs = self.decoder(
