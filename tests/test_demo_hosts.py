@@ -24,14 +24,9 @@ from switchkd_plugin.demo.hosts import (
     TinyLlavaHost,
     host_for,
 )
-from switchkd_plugin.demo.pipeline import (
-    OVERALL,
-    SMOKE_CONFIG,
-    TrainSchedule,
-    greedy_decode,
-    prepare,
-    run_default,
-)
+from switchkd_plugin.demo.config import SMOKE_CONFIG, TrainSchedule
+from switchkd_plugin.demo.evaluation import OVERALL, greedy_decode
+from switchkd_plugin.demo.pipeline import prepare, run_default
 from switchkd_plugin.demo.shapes import (
     QUESTION_TYPES,
     LlavaDatasetPaths,

@@ -10,21 +10,21 @@ import torch
 
 from switchkd_plugin.demo.__main__ import main
 from switchkd_plugin.demo.hosts import host_for
-from switchkd_plugin.demo.pipeline import (
-    OVERALL,
-    SMOKE_CONFIG,
-    accuracy_table,
-    chance_accuracy,
-    prepare,
-    run_default,
-)
-from switchkd_plugin.demo.shapes import QUESTION_TYPES
+from switchkd_plugin.demo.config import SMOKE_CONFIG
+from switchkd_plugin.demo.evaluation import OVERALL
+from switchkd_plugin.demo.pipeline import prepare, run_default
+from switchkd_plugin.demo.report import accuracy_table
+from switchkd_plugin.demo.data import check_dataset
+from switchkd_plugin.demo.shapes import QUESTION_TYPES, ShapesTaskConfig, write_llava_dataset
 from switchkd_plugin.factory_compat import factory_import_error
 
 
-def test_chance_is_one_over_the_answers_per_type() -> None:
-    chance = chance_accuracy()
+def test_chance_is_one_over_the_answers_per_type(tmp_path) -> None:
+    task = ShapesTaskConfig(num_train=40, num_val=8, num_test=40)
+    chance = check_dataset(write_llava_dataset(task, tmp_path).root).chance_accuracy()
+    assert list(chance) == [*QUESTION_TYPES, OVERALL]
     assert chance["colour"] == pytest.approx(1 / 4) and chance["exists"] == pytest.approx(1 / 2)
+    # The test split's types are equally frequent: overall is their plain mean.
     assert chance[OVERALL] == pytest.approx((1 / 4 + 1 / 3 + 1 / 2 + 1 / 2) / 4)
 
 
@@ -39,7 +39,7 @@ def test_default_pipeline_end_to_end_and_teacher_beats_chance(tmp_path, capsys) 
         assert set(accuracy) == {*QUESTION_TYPES, OVERALL}
         assert all(0.0 <= value <= 1.0 for value in accuracy.values())
     # Beats chance by more than two standard deviations of a guesser's accuracy on this split.
-    chance, questions = chance_accuracy()[OVERALL], SMOKE_CONFIG.task.num_test
+    chance, questions = rows["chance"][OVERALL], SMOKE_CONFIG.task.num_test
     assert rows["teacher"][OVERALL] > chance + 2 * math.sqrt(chance * (1 - chance) / questions)
 
     # A second run reuses the cached teacher instead of training it again.

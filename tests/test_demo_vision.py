@@ -11,14 +11,10 @@ import torch
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.demo import ShapesTaskConfig, generate_splits, write_llava_dataset
 from switchkd_plugin.demo.hosts import HFLlavaHost
-from switchkd_plugin.demo.pipeline import (
-    SMOKE_CONFIG,
-    DemoConfig,
-    TrainSchedule,
-    initial_student,
-    prepare,
-    train_student,
-)
+from switchkd_plugin.demo.models import build_model
+from switchkd_plugin.demo.config import SMOKE_CONFIG, DemoConfig, TrainSchedule
+from switchkd_plugin.demo.pipeline import prepare
+from switchkd_plugin.demo.students import initial_student, train_student
 from switchkd_plugin.demo.shapes import COLOURS, GRID, SHAPES
 from switchkd_plugin.demo.vision_pretrain import (
     EMPTY,
@@ -142,7 +138,7 @@ def test_teacher_and_students_start_from_the_same_pretrained_encoder(tmp_path) -
         for name, value in context.vision_state.items():
             assert torch.equal(student_vision[name], value), name
     # The encoder was pretrained, not left at the random init of the teacher's spec.
-    fresh = HFLlavaHost().build(config.teacher, context.tokenizer)
+    fresh = build_model(HFLlavaHost(), config.teacher, context.tokenizer)
     fresh_vision = adapter_for(fresh).vision_module.state_dict()
     assert any(not torch.equal(fresh_vision[n], v) for n, v in context.vision_state.items())
 
@@ -192,7 +188,7 @@ def test_the_frozen_vision_control_leaves_the_encoder_alone(tmp_path) -> None:
     context = prepare(config, tmp_path)
     trained = {}
     for variant in ("sft", "sft_frozen_vision"):
-        student, _ = train_student(context, variant, 0)
+        student = train_student(context, variant, 0).model
         trained[variant] = adapter_for(student).vision_module.state_dict()
     for name, value in context.vision_state.items():
         assert torch.equal(trained["sft_frozen_vision"][name], value), name

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from switchkd_plugin.constants import IGNORE_INDEX
 
 
 @dataclass

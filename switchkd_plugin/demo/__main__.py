@@ -18,15 +18,13 @@ from pathlib import Path
 import torch
 import transformers
 
+from switchkd_plugin.demo.cache import DEFAULT_CACHE_DIR
+from switchkd_plugin.demo.config import DEFAULT_CONFIG, DemoConfig, EarlyStopping
+from switchkd_plugin.demo.data import DatasetFormatError, check_dataset
 from switchkd_plugin.demo.hosts import HOSTS, host_for
-from switchkd_plugin.demo.pipeline import (
-    DEFAULT_CACHE_DIR,
-    DEFAULT_CONFIG,
-    VARIANTS,
-    DemoConfig,
-    run_default,
-    stage,
-)
+from switchkd_plugin.demo.pipeline import run_default
+from switchkd_plugin.demo.progress import stage
+from switchkd_plugin.demo.students import VARIANTS
 
 COMMANDS = ("run", "replicate")
 
@@ -53,8 +51,15 @@ _STEP_FLAGS = (
         "plain-SFT steps, vision encoder frozen, that warm each seed's student up before its "
         "variants train (0: students start cold, from a random connector and LM)",
     ),
-    ("--student-steps", "student_schedule", 1, "training steps of each student"),
+    (
+        "--student-steps",
+        "student_schedule",
+        1,
+        "training steps of each student (replicate: the most, the budget early stopping ends)",
+    ),
 )
+# replicate's student budget: early stopping usually ends a run well before it.
+REPLICATE_STUDENT_STEPS = 4000
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -89,6 +94,14 @@ def _parser() -> argparse.ArgumentParser:
     config = DEFAULT_CONFIG
     for sub in (run, replicate):
         sub.add_argument(
+            "--data",
+            type=Path,
+            metavar="DIR",
+            default=None,
+            help="a LLaVA JSON + image-folder dataset (train/val/test.json, images/, a "
+            "question_type per sample; see the README) instead of the generated shapes task",
+        )
+        sub.add_argument(
             "--cache-dir",
             type=Path,
             default=DEFAULT_CACHE_DIR,
@@ -107,7 +120,11 @@ def _parser() -> argparse.ArgumentParser:
                 dest=schedule,
                 metavar="N",
                 type=_at_least(least),
-                default=getattr(config, schedule).steps,
+                default=(
+                    REPLICATE_STUDENT_STEPS
+                    if sub is replicate and schedule == "student_schedule"
+                    else getattr(config, schedule).steps
+                ),
                 help=help_text,
             )
         sub.add_argument(
@@ -118,7 +135,23 @@ def _parser() -> argparse.ArgumentParser:
         )
     run.add_argument("--seed", type=int, default=0, help="student init and data-order seed")
     replicate.add_argument(
-        "--seeds", type=_at_least(1), default=3, help="seeds per variant (0..N-1)"
+        "--seeds", type=_at_least(2), default=5, help="seeds per variant (0..N-1)"
+    )
+    stopping = EarlyStopping()
+    replicate.add_argument(
+        "--eval-every",
+        metavar="N",
+        type=_at_least(1),
+        default=stopping.eval_every,
+        help="score each student on the validation split every N steps",
+    )
+    replicate.add_argument(
+        "--patience",
+        metavar="N",
+        type=_at_least(0),
+        default=stopping.patience,
+        help="stop a student after N validation scores without a gain and evaluate its best "
+        "checkpoint (0: no early stopping, every student trains --student-steps steps)",
     )
     replicate.add_argument(
         "--variants",
@@ -139,7 +172,13 @@ def _config(args: argparse.Namespace) -> DemoConfig:
         schedule: dataclasses.replace(getattr(config, schedule), steps=getattr(args, schedule))
         for _, schedule, _, _ in _STEP_FLAGS
     }
-    return dataclasses.replace(config, host=args.host, **schedules)
+    early_stopping = None
+    if getattr(args, "patience", 0):
+        early_stopping = EarlyStopping(eval_every=args.eval_every, patience=args.patience)
+    data_dir = None if args.data is None else str(args.data.resolve())
+    return dataclasses.replace(
+        config, host=args.host, data_dir=data_dir, early_stopping=early_stopping, **schedules
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,6 +191,11 @@ def main(argv: list[str] | None = None) -> None:
         try:
             host_for(args.host)  # before any work: a missing Factory is a usage error
         except ImportError as error:
+            parser.error(str(error))
+    if args.data is not None:
+        try:
+            check_dataset(args.data)  # before any work: a malformed file is a usage error
+        except DatasetFormatError as error:
             parser.error(str(error))
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()  # the Trainer's set-up notices drown the bars

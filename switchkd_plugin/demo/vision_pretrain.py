@@ -8,7 +8,8 @@ teacher's architecture) on what the scenes are made of: for each cell of the 2x2
 (the ones the connector reads), average-pooled onto the grid, predicts both; the probe is thrown
 away afterwards. Teacher and students then start from these weights.
 
-Labels come from the train split's scenes only.
+Labels come from the train split's scenes only. ``shared_vision_state`` is the demo's stage:
+the cached (or newly pretrained) encoder weights.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -24,13 +26,20 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from switchkd_plugin.adapters import adapter_for
+from switchkd_plugin.demo.cache import load_tensors, save_atomically
+from switchkd_plugin.demo.config import DemoConfig
+from switchkd_plugin.demo.data import DemoData
 from switchkd_plugin.demo.hf_data import load_pixel_values
+from switchkd_plugin.demo.hosts import DemoHost
+from switchkd_plugin.demo.models import build_model
+from switchkd_plugin.demo.progress import stage
 from switchkd_plugin.demo.shapes import (
     COLOURS,
     GRID,
     SHAPES,
     LlavaDatasetPaths,
     ShapesSample,
+    generate_splits,
 )
 
 EMPTY = 0  # class 0 of both labels: no shape in the cell
@@ -161,3 +170,44 @@ def pretrain_vision(
     bar.close()
     vision.eval()
     return probe
+
+
+def shared_vision_state(
+    config: DemoConfig, host: DemoHost, tokenizer: Any, data: DemoData, cache_dir: Path
+) -> dict[str, torch.Tensor] | None:
+    """The pretrained shared vision encoder's state dict, cached under
+    ``cache_dir/vision-<config.vision_key()>``, else pretrained now on the shapes task's cell
+    labels. None for a dataset directory: there are no cell labels, and the teacher trains its
+    own vision encoder instead (``demo/teacher.py``)."""
+    if not config.pretrains_vision:
+        stage("shared vision encoder: no cell labels in a dataset directory; the teacher trains it")
+        return None
+    vision_dir = cache_dir / f"vision-{config.vision_key(host.name)}"
+    weights = vision_dir / "vision.pt"
+    if weights.exists():
+        stage(f"shared vision encoder: reusing the pretrained one in {vision_dir}")
+        return load_tensors(weights)
+    schedule = config.vision_schedule
+    stage(
+        f"shared vision encoder: pretraining on per-cell shape/colour labels for {schedule.steps} "
+        f"steps (cached afterwards in {vision_dir})"
+    )
+    model = build_model(host, config.teacher, tokenizer)
+    splits = generate_splits(config.task)
+    image_size = config.task.image_size
+    probe = pretrain_vision(
+        model,
+        cell_labels(splits["train"], data.paths, image_size),
+        steps=schedule.steps,
+        learning_rate=schedule.learning_rate,
+        batch_size=schedule.batch_size,
+        seed=config.teacher.seed,
+    )
+    accuracy = cell_accuracy(model, probe, cell_labels(splits["test"], data.paths, image_size))
+    stage(
+        f"shared vision encoder: test-scene cells, shape {100 * accuracy['shape']:.1f}% / "
+        f"colour {100 * accuracy['colour']:.1f}% right (linear probe)"
+    )
+    state = adapter_for(model).vision_module.state_dict()
+    save_atomically({weights: state, vision_dir / "probe_accuracy.json": accuracy})
+    return state

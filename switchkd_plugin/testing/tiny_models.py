@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import itertools
 import os
 import random
 from collections.abc import Iterator
@@ -30,6 +29,24 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from switchkd_plugin.constants import IGNORE_INDEX
+from switchkd_plugin.testing.corpus import (
+    COLOURS,
+    FACTS,
+    NUMBERS,
+    QUESTIONS,
+    SHAPES,
+    SIDES,
+    SYSTEM_PROMPT,
+    sentences,
+)
+
+# Qwen2's pre-tokenizer split (the same regex its slow tokenizer uses), so slow == fast.
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -44,57 +61,6 @@ SPECIAL_TOKENS = (PAD_TOKEN, IM_START_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
 # TinyLLaVA Factory's constants (tinyllava/utils/constants.py), repeated so this module imports
 # without the Factory.
 FACTORY_IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
-
-# Qwen2's pre-tokenizer split (the same regex its slow tokenizer uses), so slow == fast.
-_QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-# The system prompt of the Factory's qwen2 templates.
-SYSTEM_PROMPT = (
-    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-    "helpful, detailed, and polite answers to the user's questions."
-)
-
-COLOURS = (
-    "red", "green", "blue", "yellow", "orange", "purple", "black", "white", "grey", "brown", "pink"
-)  # fmt: skip
-SHAPES = ("circle", "square", "triangle", "star", "heart", "cross", "ring", "box", "line", "dot")
-SIDES = ("left", "right", "top", "bottom", "middle", "centre")
-NUMBERS = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve",
-)  # fmt: skip
-# Everyday words so the BPE learns ~600 tokens: descriptions, positions, chat words.
-_WORD_LINES = """
-a an the this that these those it its they them there here is are was were be been being has have
-had do does did can could would should will may might must not and or but so because if then than
-when where what which who whose why how all any both each few more most other some such only same
-very just also still again once about above across after against along among around at before below
-beneath beside beyond by down during for from into like near of off on onto out over past since
-through to toward under until up upon with within without small large big tiny round sharp bright
-dark light thin thick long short tall wide narrow empty full open closed new old first second third
-last next previous inside outside between behind front back corner edge side background foreground
-count number size position object objects item items picture photo image scene person people animal
-cat dog bird fish horse car bus bike train boat plane tree flower house door window sky sun moon
-cloud water river sea grass road street table chair cup plate book ball hat shirt shoe bag phone
-clock lamp wall floor sign text word letter sure sorry hello thanks answer question user assistant
-see look find show tell give take make know think say describe explain point hold stand sit walk run
-"""
-_QUESTIONS = (
-    "what colour is the {shape}?",
-    "is there a {colour} {shape} in the image?",
-    "which side is the {colour} {shape} on?",
-    "how many shapes can you see?",
-    "describe the picture, please.",
-)
-_FACTS = (
-    "the {colour} {shape} is on the {side}.",
-    "there are {number} {colour} {shape}s.",
-    "yes, a {colour} {shape} is at the {side}.",
-    "no, the {shape} on the {side} is {colour}.",
-)
 
 
 @dataclass(frozen=True)
@@ -163,18 +129,6 @@ def student_spec(**overrides: object) -> TinyVLMSpec:
 # --------------------------------------------------------------------------------- tokenizer
 
 
-def _corpus() -> Iterator[str]:
-    """A few hundred distinct words' worth of deterministic English sentences."""
-    yield SYSTEM_PROMPT
-    yield "USER: ASSISTANT: yes no maybe please thank you image picture photo shape colour color"
-    yield " ".join(NUMBERS) + " 0 1 2 3 4 5 6 7 8 9 10 11 12"
-    yield from _WORD_LINES.strip().splitlines()
-    for colour, shape, side in itertools.product(COLOURS, SHAPES, SIDES):
-        number = NUMBERS[(len(colour) + len(shape) + len(side)) % len(NUMBERS)]
-        slots = {"colour": colour, "shape": shape, "side": side, "number": number}
-        yield " ".join(t.format(**slots) for t in _QUESTIONS + _FACTS)
-
-
 def build_tokenizer(vocab_size: int = 600) -> transformers.PreTrainedTokenizerFast:
     """Train a byte-level BPE on the built-in corpus and wrap it as a Qwen2 tokenizer.
 
@@ -186,7 +140,7 @@ def build_tokenizer(vocab_size: int = 600) -> transformers.PreTrainedTokenizerFa
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -197,7 +151,7 @@ def build_tokenizer(vocab_size: int = 600) -> transformers.PreTrainedTokenizerFa
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_corpus(), trainer=trainer)
+    backend.train_from_iterator(sentences(), trainer=trainer)
     return transformers.Qwen2TokenizerFast(
         tokenizer_object=backend,
         eos_token=EOS_TOKEN,
@@ -386,11 +340,11 @@ def make_conversations(n: int, seed: int = 0) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     conversations = []
     for i in range(n):
-        question = rng.choice(_QUESTIONS).format(
+        question = rng.choice(QUESTIONS).format(
             colour=rng.choice(COLOURS), shape=rng.choice(SHAPES)
         )
         facts = [
-            rng.choice(_FACTS).format(
+            rng.choice(FACTS).format(
                 colour=rng.choice(COLOURS),
                 shape=rng.choice(SHAPES),
                 side=rng.choice(SIDES),

@@ -1,0 +1,153 @@
+"""What decides a demo run's numbers: the task or dataset, the model sizes, every training
+schedule, and the students' stopping rule; and the cache keys derived from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import transformers
+
+from switchkd_plugin.demo.shapes import ShapesTaskConfig
+from switchkd_plugin.testing.tiny_models import TinyVLMSpec, student_spec, teacher_spec
+
+# Bump when a code change changes what a cached vision encoder, teacher or warmed-up student
+# would be (all three keys include it). 3: the demo draws its own initial weights (models.py).
+MODEL_CACHE_VERSION = 3
+
+
+def stable_hash(content: Any) -> str:
+    """A short hash of JSON-serialisable ``content``, the same in every process."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TrainSchedule:
+    """One training run: AdamW, linear warm-up then cosine decay, no weight decay."""
+
+    steps: int
+    learning_rate: float
+    batch_size: int = 16
+    warmup_ratio: float = 0.05
+    logging_steps: int = 10
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """The students' stopping rule, the same for every variant: greedy exact match on the
+    validation split every ``eval_every`` steps; training stops after ``patience`` evaluations
+    without a gain over the best so far, or at the schedule's ``steps`` (the budget); the best
+    checkpoint (the earliest one on ties) is the one evaluated on the test split."""
+
+    eval_every: int = 200
+    patience: int = 3
+
+    def __post_init__(self) -> None:
+        if self.eval_every < 1 or self.patience < 1:
+            raise ValueError(
+                f"eval_every and patience must be >= 1, got {self.eval_every}, {self.patience}"
+            )
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything that decides a demo run's numbers.
+
+    ``data_dir``: None trains on the generated shapes task (``task``); else a LLaVA JSON +
+    image-folder dataset (``demo/data.py``), on which no cell labels exist for the vision
+    pretraining: the teacher then trains its own vision encoder, and the students start from it.
+    The student's vision encoder has the teacher's architecture: both start from the same
+    weights. ``system_prompt=False`` drops the chat system turn (about 60 tokens of 85) for speed.
+    ``early_stopping`` None: every student trains exactly ``student_schedule.steps`` steps.
+    """
+
+    # Larger shapes (14 of 16 px per cell) and the last vision layer: learnt faster.
+    task: ShapesTaskConfig = field(
+        default_factory=lambda: ShapesTaskConfig(num_train=4000, object_fraction=0.85)
+    )
+    data_dir: str | None = None
+    teacher: TinyVLMSpec = field(default_factory=lambda: teacher_spec(vision_feature_layer=-1))
+    student: TinyVLMSpec = field(
+        default_factory=lambda: student_spec(vision_layers=3, vision_feature_layer=-1)
+    )
+    # The shared vision encoder's pretraining on per-cell shape / colour labels.
+    vision_schedule: TrainSchedule = TrainSchedule(steps=600, learning_rate=1e-3, batch_size=32)
+    # Learning rates above ~1e-3 leave these tiny models at the answer prior (measured).
+    teacher_schedule: TrainSchedule = TrainSchedule(steps=3000, learning_rate=1e-3)
+    student_schedule: TrainSchedule = TrainSchedule(steps=600, learning_rate=1e-3)
+    # Steps 0: students start cold (random connector and LM). Else each seed's student is first
+    # warmed up with plain SFT, its vision encoder frozen (as a student whose LM and connector
+    # were trained before the distillation stage), and every variant continues from there.
+    student_warmup: TrainSchedule = TrainSchedule(steps=0, learning_rate=1e-3)
+    early_stopping: EarlyStopping | None = None
+    system_prompt: bool = False
+    eval_batch_size: int = 100
+    max_new_tokens: int = 3
+    host: str = "auto"  # demo/hosts.py: HOSTS
+
+    @property
+    def pretrains_vision(self) -> bool:
+        """Whether the shared vision encoder is pretrained on cell labels (shapes task only)."""
+        return self.data_dir is None
+
+    def data_key(self) -> dict[str, Any]:
+        """What identifies the data: the task's config, or the dataset's directory."""
+        if self.data_dir is None:
+            return {"task": dataclasses.asdict(self.task)}
+        return {"data_dir": self.data_dir}
+
+    def vision_key(self, host: str) -> str:
+        """Hash of everything the shared vision encoder's weights depend on (transformers'
+        version included: state-dict layouts differ across releases); ``host``: the resolved
+        host name."""
+        return stable_hash(
+            {
+                "version": MODEL_CACHE_VERSION,
+                "transformers": transformers.__version__,
+                "host": host,
+                **self.data_key(),
+                "teacher": dataclasses.asdict(self.teacher),
+                "vision_schedule": (
+                    dataclasses.asdict(self.vision_schedule) if self.pretrains_vision else None
+                ),
+            }
+        )
+
+    def teacher_key(self, host: str) -> str:
+        """Hash of everything the trained teacher depends on."""
+        return stable_hash(
+            {
+                "vision": self.vision_key(host),
+                "schedule": dataclasses.asdict(self.teacher_schedule),
+                "system_prompt": self.system_prompt,
+            }
+        )
+
+    def student_key(self, host: str, seed: int) -> str:
+        """Hash of everything a warmed-up student of ``seed`` depends on."""
+        return stable_hash(
+            {
+                # Without vision pretraining the students start from the teacher's encoder.
+                "vision": self.vision_key(host)
+                if self.pretrains_vision
+                else self.teacher_key(host),
+                "student": dataclasses.asdict(self.student),
+                "warmup": dataclasses.asdict(self.student_warmup),
+                "system_prompt": self.system_prompt,
+                "seed": seed,
+            }
+        )
+
+
+# The built-in default: fits in 5 minutes on 2 CPU cores with an empty cache.
+DEFAULT_CONFIG = DemoConfig()
+# The CI smoke run: well under a minute.
+SMOKE_CONFIG = DemoConfig(
+    task=ShapesTaskConfig(num_train=400, num_val=0, num_test=400, object_fraction=0.85),
+    vision_schedule=TrainSchedule(steps=100, learning_rate=1e-3, batch_size=32),
+    teacher_schedule=TrainSchedule(steps=400, learning_rate=1e-3),
+    student_schedule=TrainSchedule(steps=10, learning_rate=1e-3, logging_steps=5),
+)
