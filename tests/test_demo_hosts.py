@@ -17,6 +17,8 @@ from torch import nn
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.config import SwitchKDArguments
+from switchkd_plugin.demo.config import SMOKE_CONFIG, TrainSchedule
+from switchkd_plugin.demo.evaluation import OVERALL, greedy_decode
 from switchkd_plugin.demo.hosts import (
     HOSTS,
     FactoryShapesDataset,
@@ -24,8 +26,6 @@ from switchkd_plugin.demo.hosts import (
     TinyLlavaHost,
     host_for,
 )
-from switchkd_plugin.demo.config import SMOKE_CONFIG, TrainSchedule
-from switchkd_plugin.demo.evaluation import OVERALL, greedy_decode
 from switchkd_plugin.demo.pipeline import prepare, run_default
 from switchkd_plugin.demo.shapes import (
     QUESTION_TYPES,

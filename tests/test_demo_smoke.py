@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from switchkd_plugin.demo.__main__ import main
-from switchkd_plugin.demo.hosts import host_for
 from switchkd_plugin.demo.config import SMOKE_CONFIG
+from switchkd_plugin.demo.data import check_dataset
 from switchkd_plugin.demo.evaluation import OVERALL
+from switchkd_plugin.demo.hosts import host_for
 from switchkd_plugin.demo.pipeline import prepare, run_default
 from switchkd_plugin.demo.report import accuracy_table
-from switchkd_plugin.demo.data import check_dataset
 from switchkd_plugin.demo.shapes import QUESTION_TYPES, ShapesTaskConfig, write_llava_dataset
 from switchkd_plugin.factory_compat import factory_import_error
 

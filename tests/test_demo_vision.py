@@ -10,12 +10,12 @@ import torch
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.demo import ShapesTaskConfig, generate_splits, write_llava_dataset
+from switchkd_plugin.demo.config import SMOKE_CONFIG, DemoConfig, TrainSchedule
 from switchkd_plugin.demo.hosts import HFLlavaHost
 from switchkd_plugin.demo.models import build_model
-from switchkd_plugin.demo.config import SMOKE_CONFIG, DemoConfig, TrainSchedule
 from switchkd_plugin.demo.pipeline import prepare
-from switchkd_plugin.demo.students import initial_student, train_student
 from switchkd_plugin.demo.shapes import COLOURS, GRID, SHAPES
+from switchkd_plugin.demo.students import initial_student, train_student
 from switchkd_plugin.demo.vision_pretrain import (
     EMPTY,
     CellProbe,
