@@ -14,7 +14,8 @@ Each JSON file is a list of samples::
 ``image`` is relative to ``DIR/images``; ``question_type`` is any non-empty string (the report
 gives one accuracy column per type); the answer is scored by exact match after lowercasing and
 removing punctuation. Every question type of val and test must occur in train. ``val`` is the
-students' early-stopping split, ``test`` the reported one.
+students' early-stopping split (it may be empty without early stopping), ``test`` the
+reported one.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class DemoData:
     question_types: tuple[str, ...]
     answers: dict[str, frozenset[str]]
     test_counts: dict[str, int]
+    val_size: int
 
     def chance_accuracy(self) -> Accuracy:
         """Expected accuracy of a uniform guess among each type's answers; overall weighs the
@@ -122,7 +124,8 @@ def check_dataset(root: Path) -> DemoData:
             records = load_records(path)
         except json.JSONDecodeError as error:
             raise DatasetFormatError(f"{path}: not valid JSON ({error})") from error
-        if not isinstance(records, list) or not records:
+        # val may be empty: only early stopping reads it (and says so when it is empty).
+        if not isinstance(records, list) or (not records and split != "val"):
             raise DatasetFormatError(f"{path}: must be a non-empty JSON list of samples")
         seen[split] = [
             _check_record(path, i, record, paths.image_folder) for i, record in enumerate(records)
@@ -145,6 +148,7 @@ def check_dataset(root: Path) -> DemoData:
         kinds,
         {kind: frozenset(values) for kind, values in answers.items()},
         {kind: test_counts.get(kind, 0) for kind in kinds},
+        len(seen["val"]),
     )
 
 

@@ -34,6 +34,11 @@ def prepare(config: DemoConfig, cache_dir: Path) -> DemoContext:
     stage(f"path: {host.label}")
     tokenizer = build_tokenizer()
     data = prepare_data(config, cache_dir)
+    if config.early_stopping is not None and data.val_size == 0:
+        raise ValueError(
+            f"early stopping scores the students on the val split, and {data.paths.val} is "
+            "empty: give it samples, or turn early stopping off (--patience 0)"
+        )
     vision_state = shared_vision_state(config, host, tokenizer, data, cache_dir)
     teacher = trained_teacher(config, host, tokenizer, data, vision_state, cache_dir)
     if vision_state is None:  # the students start from the encoder the teacher trained
