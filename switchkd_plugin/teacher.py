@@ -13,7 +13,7 @@ from .checks import check_teacher_path
 
 logger = logging.getLogger(__name__)
 
-_DTYPE_KWARG = (
+DTYPE_KWARG = (
     "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
 )
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -52,7 +52,7 @@ def load_teacher(
                 part._attn_implementation = choice
         logger.info("Switch-KD: loading the teacher %s from %s", model_class.__name__, directory)
         teacher = model_class.from_pretrained(
-            str(directory), config=config, **{_DTYPE_KWARG: dtype}
+            str(directory), config=config, **{DTYPE_KWARG: dtype}
         )
     except (OSError, ValueError) as error:
         raise ValueError(

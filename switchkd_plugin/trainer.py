@@ -7,6 +7,7 @@ Factory (whose sampler and optimizer parameter groups then still apply).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -27,6 +28,7 @@ from .checks import (
 )
 from .config import SwitchKDArguments
 from .engine import IGNORE_INDEX, StepTerms, SwitchKDEngine
+from .resume import numpy_rng_state_loadable, restore_model
 from .teacher import freeze, load_teacher, teacher_dtype
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,32 @@ class _WindowCountingLoader:
             for batch in window:
                 batch[WINDOW_ITEMS_KEY] = items
                 yield batch
+
+
+@contextlib.contextmanager
+def _skipping_keeps_window_counts() -> Iterator[None]:
+    """transformers < 4.46 resumes mid-epoch with accelerate's `skip_first_batches(loader, n)`,
+    which rebuilds a plain DataLoader from the attributes of ours and so drops the window
+    counts. While training, skip inside the wrapper instead: `n` is a whole number of optimizer
+    steps, so the windows after the skip are the windows of the uninterrupted run."""
+    module = transformers.trainer
+    original = module.skip_first_batches
+
+    def skip(loader, num_batches=0):
+        if not isinstance(loader, _WindowCountingLoader):
+            return original(loader, num_batches)
+        if num_batches % loader.window:
+            raise RuntimeError(
+                f"resuming skips {num_batches} micro-batches, not a whole number of "
+                f"{loader.window}-batch accumulation windows"
+            )
+        return _WindowCountingLoader(original(loader.loader, num_batches), loader.window)
+
+    module.skip_first_batches = skip
+    try:
+        yield
+    finally:
+        module.skip_first_batches = original
 
 
 class _TermLog:
@@ -225,6 +253,28 @@ class SwitchKDTrainerMixin:
         if self._engine is not None and not TRAINER_PASSES_NUM_ITEMS:
             return _WindowCountingLoader(loader, self.args.gradient_accumulation_steps)
         return loader
+
+    # ----------------------------------------------------------------------------- resume
+
+    def train(self, *args, **kwargs):
+        counting = self._engine is not None and not TRAINER_PASSES_NUM_ITEMS
+        with _skipping_keeps_window_counts() if counting else contextlib.nullcontext():
+            return super().train(*args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        """The host's loader warns and goes on when the saved keys do not match the model's
+        (transformers 5.x saves LLaVA in its original key layout): restore every weight through
+        the model's own `from_pretrained` then, or refuse (`switchkd_plugin.resume`). Also with
+        `--distill none`: a resume that silently restarts from the initial weights is never
+        what the run asked for."""
+        if model is None or model is self.model:  # FSDP / SageMaker pass their wrapper: host's
+            if restore_model(self.model, resume_from_checkpoint):
+                return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_rng_state(self, checkpoint) -> None:
+        with numpy_rng_state_loadable():  # transformers < 4.47 on torch >= 2.6
+            super()._load_rng_state(checkpoint)
 
     # ------------------------------------------------------------------------------- loss
 
