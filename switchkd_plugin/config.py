@@ -10,6 +10,7 @@ from .losses.dbild import DIRECTIONS, DIVERGENCES, K_MODES
 TERM_LOSSES = ("dbild", "bild", "fkl", "rkl")
 SWITCH_POINTS = ("vision", "connector")
 TEACHER_DTYPES = ("auto", "bfloat16", "float16", "float32")
+NONFINITE_MODES = ("error", "skip")
 
 
 def _arg(default, help: str, **kwargs):
@@ -77,6 +78,14 @@ class SwitchKDArguments:
     teacher_gradient_checkpointing: bool = _arg(
         False, "Recompute the teacher decoder in backward for the switch pass (saves memory)."
     )
+    nonfinite: Literal["error", "skip"] = _arg(
+        "error",
+        "A NaN/inf loss term: 'error' stops with a diagnosis; 'skip' drops the micro-batch (zero "
+        "gradient, on every rank), counts it in the logs (nonfinite_skipped).",
+    )
+    nonfinite_max_in_a_row: int = _arg(
+        10, "--nonfinite skip: stop with the diagnosis once this many micro-batches in a row fail."
+    )
 
     def __post_init__(self) -> None:
         for name, valid in (
@@ -88,6 +97,7 @@ class SwitchKDArguments:
             ("directions", DIRECTIONS),
             ("switch_point", SWITCH_POINTS),
             ("teacher_dtype", TEACHER_DTYPES),
+            ("nonfinite", NONFINITE_MODES),
         ):
             if getattr(self, name) not in valid:
                 raise ValueError(f"--{name} {getattr(self, name)!r}: choose one of {valid}")
@@ -96,6 +106,10 @@ class SwitchKDArguments:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.nonfinite_max_in_a_row < 1:
+            raise ValueError(
+                f"--nonfinite_max_in_a_row must be >= 1, got {self.nonfinite_max_in_a_row}"
+            )
         if self.lm_head_chunk_size < 0:
             raise ValueError(f"--lm_head_chunk_size must be >= 0, got {self.lm_head_chunk_size}")
         if self.distill == "switchkd" and self.needs_teacher and not self.teacher_model_path:

@@ -78,11 +78,12 @@ def load_translated(model: nn.Module, directory: str | Path) -> None:
         str(directory), output_loading_info=True, **{DTYPE_KWARG: dtype}
     )
     problems = {
-        name: list(info.get(name) or ()) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        name.replace("_", " "): list(info.get(name) or ())
+        for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
     }
     if any(problems.values()):
-        detail = "; ".join(f"{len(v)} {k.replace('_', ' ')} ({_examples(v)})" for k, v in problems.items() if v)
-        raise _refusal(directory, f"its {type(model).__name__}.from_pretrained still finds {detail}")
+        detail = "; ".join(f"{len(v)} {k} ({_examples(v)})" for k, v in problems.items() if v)
+        raise _refusal(directory, f"{type(model).__name__}.from_pretrained still finds {detail}")
     model.load_state_dict(loaded.state_dict(), strict=True)
     logger.info("Switch-KD: resumed the model weights from %s (key layout converted)", directory)
 

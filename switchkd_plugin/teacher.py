@@ -51,9 +51,7 @@ def load_teacher(
             if part is not None and choice:
                 part._attn_implementation = choice
         logger.info("Switch-KD: loading the teacher %s from %s", model_class.__name__, directory)
-        teacher = model_class.from_pretrained(
-            str(directory), config=config, **{DTYPE_KWARG: dtype}
-        )
+        teacher = model_class.from_pretrained(str(directory), config=config, **{DTYPE_KWARG: dtype})
     except (OSError, ValueError) as error:
         raise ValueError(
             f"--teacher_model_path {path}: could not load a {model_class.__name__} from it "

@@ -28,6 +28,13 @@ from .checks import (
 )
 from .config import SwitchKDArguments
 from .engine import IGNORE_INDEX, StepTerms, SwitchKDEngine
+from .nonfinite import (
+    any_non_finite,
+    describe,
+    locate_non_finite,
+    non_finite_parameters,
+    zero_gradient_loss,
+)
 from .resume import numpy_rng_state_loadable, restore_model
 from .teacher import freeze, load_teacher, teacher_dtype
 
@@ -165,6 +172,7 @@ class SwitchKDTrainerMixin:
         self._teacher_engine = None  # the DeepSpeed engine sharding the teacher under ZeRO-3
         self._zero3_ready = False
         self._term_log = _TermLog()
+        self._nonfinite_in_a_row = self._nonfinite_skipped = 0
         if self.switchkd_args.distill == "switchkd":
             self._engine = self._build_engine(teacher_model, teacher_tokenizer)
             # Our loss is already normalised over the accumulation window: newer Trainers must
@@ -172,6 +180,12 @@ class SwitchKDTrainerMixin:
             self.model_accepts_loss_kwargs = True
             if hasattr(self, "loss_is_scaled_for_ga"):
                 self.loss_is_scaled_for_ga = True
+            if self.switchkd_args.nonfinite == "skip" and _zero3():
+                raise ValueError(
+                    "--nonfinite skip is not supported under DeepSpeed ZeRO-3 (a partitioned "
+                    "parameter cannot be given a zero gradient outside its module's forward); "
+                    "use --nonfinite error, or ZeRO-2"
+                )
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -267,9 +281,10 @@ class SwitchKDTrainerMixin:
         the model's own `from_pretrained` then, or refuse (`switchkd_plugin.resume`). Also with
         `--distill none`: a resume that silently restarts from the initial weights is never
         what the run asked for."""
-        if model is None or model is self.model:  # FSDP / SageMaker pass their wrapper: host's
-            if restore_model(self.model, resume_from_checkpoint):
-                return
+        # FSDP / SageMaker pass their wrapper: theirs is the host's loader.
+        own_model = model is None or model is self.model
+        if own_model and restore_model(self.model, resume_from_checkpoint):
+            return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_rng_state(self, checkpoint) -> None:
@@ -335,6 +350,9 @@ class SwitchKDTrainerMixin:
         if not model.training:  # evaluation: the mean over this batch's response tokens
             loss = terms.loss / max(terms.response_tokens, 1)
             return (loss, {"loss": loss}) if return_outputs else loss
+        skipped = self._skip_if_non_finite(model, inputs, terms)
+        if skipped is not None:
+            return (skipped, {"loss": skipped}) if return_outputs else skipped
         # Gradients are averaged over ranks (x world size) and, before 4.46, every micro-batch
         # loss is divided by the accumulation steps (x steps): what remains is sum / tokens.
         scale = self.args.world_size
@@ -345,9 +363,46 @@ class SwitchKDTrainerMixin:
         self._term_log.add(terms, (args.w_ce, args.w_align, args.w_vsd))
         return (loss, {"loss": loss}) if return_outputs else loss
 
+    def _skip_if_non_finite(self, model, batch: dict, terms: StepTerms) -> Tensor | None:
+        """None when every term of this micro-batch is finite on every data-parallel rank.
+
+        Otherwise, on all ranks alike (the flag is all-reduced, so collectives stay in step):
+        `--nonfinite error` raises with a diagnosis; `skip` returns a loss of exactly zero
+        gradient, and raises once `--nonfinite_max_in_a_row` micro-batches in a row failed.
+        """
+        flag = any_non_finite(terms)
+        if self.args.world_size > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if not flag.item():
+            self._nonfinite_in_a_row = 0
+            return None
+        args, student = self.switchkd_args, self.accelerator.unwrap_model(model)
+        self._nonfinite_in_a_row += 1
+        if args.nonfinite == "skip" and self._nonfinite_in_a_row < args.nonfinite_max_in_a_row:
+            self._nonfinite_skipped += 1
+            logger.warning(
+                "Switch-KD: %s; skipping this micro-batch (%d in a row)",
+                describe(terms, [], [], self.state.global_step).rstrip("."),
+                self._nonfinite_in_a_row,
+            )
+            return zero_gradient_loss(student)
+        own = bool(any_non_finite(terms).item())
+        found = locate_non_finite(self._engine, batch)  # on every rank: collectives in step
+        message = describe(
+            terms if own else None, found, non_finite_parameters(student), self.state.global_step
+        )
+        if args.nonfinite == "skip":
+            message += f" Stopped after {self._nonfinite_in_a_row} such micro-batches in a row."
+        else:
+            message += " No weight was updated with it; --nonfinite skip drops such batches."
+        raise FloatingPointError(message)
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:  # a training log: add the per-term means since the last one
             logs.update(self._term_log.pop())
+            if self._engine is not None and self.switchkd_args.nonfinite == "skip":
+                logs["nonfinite_skipped"] = self._nonfinite_skipped
+                self._nonfinite_skipped = 0
         super().log(logs, *args, **kwargs)
 
 
