@@ -11,6 +11,7 @@ TERM_LOSSES = ("dbild", "bild", "fkl", "rkl")
 SWITCH_POINTS = ("vision", "connector")
 TEACHER_DTYPES = ("auto", "bfloat16", "float16", "float32")
 NONFINITE_MODES = ("error", "skip")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def _arg(default, help: str, **kwargs):
@@ -106,6 +107,12 @@ class SwitchKDArguments:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        self._check_k_options()
+        if self.teacher_attn_implementation not in (None, *ATTN_IMPLEMENTATIONS):
+            raise ValueError(
+                f"--teacher_attn_implementation {self.teacher_attn_implementation!r}: choose one "
+                f"of {ATTN_IMPLEMENTATIONS} (or leave it unset: the student's)"
+            )
         if self.nonfinite_max_in_a_row < 1:
             raise ValueError(
                 f"--nonfinite_max_in_a_row must be >= 1, got {self.nonfinite_max_in_a_row}"
@@ -116,6 +123,39 @@ class SwitchKDArguments:
             raise ValueError(
                 "--distill switchkd needs --teacher_model_path DIR (a saved teacher checkpoint), "
                 "or --w_align 0 --w_vsd 0 for plain SFT"
+            )
+
+    def _check_k_options(self) -> None:
+        """DBiLD's k options against each other (the vocabulary: `check_k_options(vocab)`)."""
+        if self.kneedle_window == 1:
+            raise ValueError(
+                "--kneedle_window 1 leaves no curve to find a knee on: use >= 2, or <= 0"
+            )
+        if self.k_min < 2:
+            raise ValueError(f"--k_min must be >= 2 (a pair needs two tokens), got {self.k_min}")
+        if self.k_max is not None and self.k_max < self.k_min:
+            raise ValueError(f"--k_max {self.k_max} is below --k_min {self.k_min}")
+        if self.kneedle_window > 0 and self.k_min > self.kneedle_window:
+            raise ValueError(
+                f"--k_min {self.k_min} exceeds --kneedle_window {self.kneedle_window}: the knee "
+                "is searched in the window, so lower --k_min or widen the window"
+            )
+        if self.fixed_k < 2:
+            raise ValueError(
+                f"--fixed_k must be >= 2 (a pair needs two tokens), got {self.fixed_k}"
+            )
+
+    def check_k_options(self, vocab_size: int) -> None:
+        """The k options against the distilled vocabulary, once it is known (before step 1)."""
+        if "dbild" not in (self.align_loss, self.vsd_loss):
+            return
+        if self.k_mode == "fixed" and self.fixed_k > vocab_size:
+            raise ValueError(
+                f"--fixed_k {self.fixed_k} exceeds the distilled vocabulary of {vocab_size} tokens"
+            )
+        if self.k_mode == "kneedle" and self.k_min > vocab_size:
+            raise ValueError(
+                f"--k_min {self.k_min} exceeds the distilled vocabulary of {vocab_size} tokens"
             )
 
     @property

@@ -9,7 +9,7 @@ import transformers
 from packaging import version
 from torch import nn
 
-from .checks import check_teacher_path
+from .checks import check_teacher_path, check_teacher_weights
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def load_teacher(
     its parts from them, which `from_pretrained(attn_implementation=)` does not reach.
     """
     directory = check_teacher_path(path)
+    check_teacher_weights(directory)
     try:
         config = model_class.config_class.from_pretrained(str(directory))
         for part, choice in (

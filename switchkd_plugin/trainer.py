@@ -23,6 +23,7 @@ from .adapters import VLMAdapter, adapter_for
 from .checks import (
     check_switch_widths,
     check_teacher_path,
+    check_teacher_tokenizer_files,
     shared_vocab_size,
     vision_is_trainable,
 )
@@ -205,8 +206,10 @@ class SwitchKDTrainerMixin:
         if tokenizer is not None:
             return tokenizer
         path = self.switchkd_args.teacher_model_path
+        directory = check_teacher_path(path)
+        check_teacher_tokenizer_files(directory)
         try:
-            return transformers.AutoTokenizer.from_pretrained(check_teacher_path(path))
+            return transformers.AutoTokenizer.from_pretrained(directory)
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"no tokenizer found for the teacher at {path} ({error}); save the teacher's "
@@ -241,6 +244,8 @@ class SwitchKDTrainerMixin:
                 output_rows(student),
                 output_rows(teacher_adapter),
             )
+        if teacher_adapter is not None:
+            args.check_k_options(vocab)
         run_switch = args.w_vsd > 0 and teacher_adapter is not None
         if run_switch:
             check_switch_widths(student, teacher_adapter, args.switch_point)

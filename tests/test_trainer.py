@@ -360,6 +360,30 @@ def test_teacher_path_is_checked_and_loaded(hf_student, hf_teacher, tiny_tokeniz
     trainer.train()
 
 
+def test_broken_teacher_directories_say_what_is_wrong(
+    hf_student, hf_teacher, tiny_tokenizer, tmp_path
+):
+    saved = tmp_path / "teacher"
+    hf_teacher.save_pretrained(str(saved))
+    with pytest.raises(FileNotFoundError, match=r"holds no tokenizer files \(none of tokenizer"):
+        _trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path,
+                 teacher_model_path=str(saved))  # fmt: skip
+    tiny_tokenizer.save_pretrained(str(saved))
+    weights = saved / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    with pytest.raises(ValueError, match=r"teacher.*model\.safetensors is truncated or corrupt"):
+        _trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path,
+                 teacher_model_path=str(saved))  # fmt: skip
+
+
+def test_k_options_are_checked_against_the_vocabulary_before_training(
+    hf_student, hf_teacher, tiny_tokenizer, tmp_path
+):
+    with pytest.raises(ValueError, match="--fixed_k 700 exceeds the distilled vocabulary of 600"):
+        _trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path,
+                 teacher=copy.deepcopy(hf_teacher), k_mode="fixed", fixed_k=700)  # fmt: skip
+
+
 def test_frozen_student_vision_skips_the_switch_pass(
     hf_student, hf_teacher, tiny_tokenizer, tmp_path, caplog
 ):
