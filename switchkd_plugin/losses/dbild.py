@@ -1,6 +1,6 @@
 """DBiLD: bidirectional logit-difference distillation with a dynamic (Kneedle) top-k.
 
-Switch-KD's distillation divergence (DESIGN §2). One function covers the ablation family:
+Switch-KD's distillation divergence (docs/method.md). One function covers the ablation family:
 BiLD (arXiv 2406.13555) is `k_mode="fixed", fixed_k=8, divergence="fkl"` with both directions.
 """
 
