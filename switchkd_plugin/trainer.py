@@ -27,13 +27,13 @@ from .checks import (
 )
 from .config import SwitchKDArguments
 from .engine import IGNORE_INDEX, StepTerms, SwitchKDEngine
+from .loss_scale import BackwardRouter
 from .teacher import freeze, load_teacher, teacher_dtype
 
 logger = logging.getLogger(__name__)
 
 # transformers >= 4.46 counts the response tokens of a whole gradient-accumulation window and
-# passes them to compute_loss; older releases do not, and divide every micro-batch loss by the
-# number of accumulation steps instead.
+# passes them to compute_loss; older releases do not (the trainer counts them itself then).
 TRAINER_PASSES_NUM_ITEMS = (
     "num_items_in_batch" in inspect.signature(transformers.Trainer.training_step).parameters
 )
@@ -137,13 +137,21 @@ class SwitchKDTrainerMixin:
         self._teacher_engine = None  # the DeepSpeed engine sharding the teacher under ZeRO-3
         self._zero3_ready = False
         self._term_log = _TermLog()
+        self._backward: BackwardRouter | None = None
         if self.switchkd_args.distill == "switchkd":
             self._engine = self._build_engine(teacher_model, teacher_tokenizer)
+            self._backward = BackwardRouter(self.accelerator)
             # Our loss is already normalised over the accumulation window: newer Trainers must
-            # neither divide it by the accumulation steps nor skip counting the window's tokens.
+            # count the window's tokens, and not divide the loss they report (the gradients
+            # never see their division: BackwardRouter).
             self.model_accepts_loss_kwargs = True
             if hasattr(self, "loss_is_scaled_for_ga"):
                 self.loss_is_scaled_for_ga = True
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if getattr(self, "_backward", None) is not None:  # a new accelerator during train()
+            self._backward = BackwardRouter(self.accelerator)
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -285,15 +293,21 @@ class SwitchKDTrainerMixin:
         if not model.training:  # evaluation: the mean over this batch's response tokens
             loss = terms.loss / max(terms.response_tokens, 1)
             return (loss, {"loss": loss}) if return_outputs else loss
-        # Gradients are averaged over ranks (x world size) and, before 4.46, every micro-batch
-        # loss is divided by the accumulation steps (x steps): what remains is sum / tokens.
-        scale = self.args.world_size
-        if not TRAINER_PASSES_NUM_ITEMS:
-            scale *= self.args.gradient_accumulation_steps
-        loss = terms.loss / self._normaliser(num_items_in_batch, window_items, terms) * scale
+        # Gradients are averaged over ranks (x world size): what remains is sum / tokens.
+        loss = terms.loss / self._normaliser(num_items_in_batch, window_items, terms)
+        loss = loss * self.args.world_size
+        self._backward.expect(loss)  # the gradients are those of `loss`, on every release
+        if num_items_in_batch is None:  # such Trainers report loss / accumulation steps
+            loss = loss * self.args.gradient_accumulation_steps
         args = self.switchkd_args
         self._term_log.add(terms, (args.w_ce, args.w_align, args.w_vsd))
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if self._backward is not None:  # before any optimizer step: refuse, never train wrong
+            self._backward.check_consumed()
+        return loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:  # a training log: add the per-term means since the last one
