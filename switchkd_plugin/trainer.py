@@ -218,6 +218,8 @@ class SwitchKDTrainerMixin:
                     args.w_vsd,
                 )
                 run_switch = False
+        if run_switch and _zero3():
+            _check_deepspeed_backprops_through_eval_modules()
         one_chunk = _zero3() and self.args.world_size > 1
         if one_chunk and args.lm_head_chunk_size:
             logger.warning(
@@ -327,6 +329,27 @@ def _zero3() -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return is_deepspeed_zero3_enabled()
+
+
+# ZeRO-3 parameter hooks asserted `module.training` in backward until DeepSpeed 0.15.4; the
+# switch pass backpropagates through the teacher, which is in eval mode.
+ZERO3_EVAL_BACKWARD_DEEPSPEED = "0.15.4"
+
+
+def _check_deepspeed_backprops_through_eval_modules() -> None:
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    installed = version("deepspeed")
+    if Version(installed) < Version(ZERO3_EVAL_BACKWARD_DEEPSPEED):
+        raise ValueError(
+            f"Switch-KD: the visual switch under ZeRO-3 backpropagates through the frozen teacher "
+            f"(eval mode), which DeepSpeed < {ZERO3_EVAL_BACKWARD_DEEPSPEED} refuses ('backward "
+            f"pass is invalid for module in evaluation mode'); deepspeed {installed} is "
+            f"installed: pip install 'deepspeed>={ZERO3_EVAL_BACKWARD_DEEPSPEED}', or use ZeRO-2, "
+            "or --w_vsd 0"
+        )
 
 
 def _register_unhooked_parameters(module: nn.Module | None) -> None:
