@@ -29,6 +29,7 @@ from .checks import (
 )
 from .config import SwitchKDArguments
 from .engine import IGNORE_INDEX, StepTerms, SwitchKDEngine
+from .loss_scale import BackwardRouter
 from .nonfinite import (
     any_non_finite,
     describe,
@@ -42,8 +43,7 @@ from .teacher import freeze, load_teacher, teacher_dtype
 logger = logging.getLogger(__name__)
 
 # transformers >= 4.46 counts the response tokens of a whole gradient-accumulation window and
-# passes them to compute_loss; older releases do not, and divide every micro-batch loss by the
-# number of accumulation steps instead.
+# passes them to compute_loss; older releases do not (the trainer counts them itself then).
 TRAINER_PASSES_NUM_ITEMS = (
     "num_items_in_batch" in inspect.signature(transformers.Trainer.training_step).parameters
 )
@@ -174,10 +174,13 @@ class SwitchKDTrainerMixin:
         self._zero3_ready = False
         self._term_log = _TermLog()
         self._nonfinite_in_a_row = self._nonfinite_skipped = 0
+        self._backward: BackwardRouter | None = None
         if self.switchkd_args.distill == "switchkd":
             self._engine = self._build_engine(teacher_model, teacher_tokenizer)
+            self._backward = BackwardRouter(self.accelerator)
             # Our loss is already normalised over the accumulation window: newer Trainers must
-            # neither divide it by the accumulation steps nor skip counting the window's tokens.
+            # count the window's tokens, and not divide the loss they report (the gradients
+            # never see their division: BackwardRouter).
             self.model_accepts_loss_kwargs = True
             if hasattr(self, "loss_is_scaled_for_ga"):
                 self.loss_is_scaled_for_ga = True
@@ -187,6 +190,11 @@ class SwitchKDTrainerMixin:
                     "parameter cannot be given a zero gradient outside its module's forward); "
                     "use --nonfinite error, or ZeRO-2"
                 )
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if getattr(self, "_backward", None) is not None:  # a new accelerator during train()
+            self._backward = BackwardRouter(self.accelerator)
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -257,6 +265,8 @@ class SwitchKDTrainerMixin:
                     args.w_vsd,
                 )
                 run_switch = False
+        if run_switch and _zero3():
+            _check_deepspeed_backprops_through_eval_modules()
         one_chunk = _zero3() and self.args.world_size > 1
         if one_chunk and args.lm_head_chunk_size:
             logger.warning(
@@ -358,12 +368,12 @@ class SwitchKDTrainerMixin:
         skipped = self._skip_if_non_finite(model, inputs, terms)
         if skipped is not None:
             return (skipped, {"loss": skipped}) if return_outputs else skipped
-        # Gradients are averaged over ranks (x world size) and, before 4.46, every micro-batch
-        # loss is divided by the accumulation steps (x steps): what remains is sum / tokens.
-        scale = self.args.world_size
-        if not TRAINER_PASSES_NUM_ITEMS:
-            scale *= self.args.gradient_accumulation_steps
-        loss = terms.loss / self._normaliser(num_items_in_batch, window_items, terms) * scale
+        # Gradients are averaged over ranks (x world size): what remains is sum / tokens.
+        loss = terms.loss / self._normaliser(num_items_in_batch, window_items, terms)
+        loss = loss * self.args.world_size
+        self._backward.expect(loss)  # the gradients are those of `loss`, on every release
+        if num_items_in_batch is None:  # such Trainers report loss / accumulation steps
+            loss = loss * self.args.gradient_accumulation_steps
         args = self.switchkd_args
         self._term_log.add(terms, (args.w_ce, args.w_align, args.w_vsd))
         return (loss, {"loss": loss}) if return_outputs else loss
@@ -402,6 +412,12 @@ class SwitchKDTrainerMixin:
             message += " No weight was updated with it; --nonfinite skip drops such batches."
         raise FloatingPointError(message)
 
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if self._backward is not None:  # before any optimizer step: refuse, never train wrong
+            self._backward.check_consumed()
+        return loss
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:  # a training log: add the per-term means since the last one
             logs.update(self._term_log.pop())
@@ -423,6 +439,27 @@ def _zero3() -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return is_deepspeed_zero3_enabled()
+
+
+# ZeRO-3 parameter hooks asserted `module.training` in backward until DeepSpeed 0.15.4; the
+# switch pass backpropagates through the teacher, which is in eval mode.
+ZERO3_EVAL_BACKWARD_DEEPSPEED = "0.15.4"
+
+
+def _check_deepspeed_backprops_through_eval_modules() -> None:
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    installed = version("deepspeed")
+    if Version(installed) < Version(ZERO3_EVAL_BACKWARD_DEEPSPEED):
+        raise ValueError(
+            f"Switch-KD: the visual switch under ZeRO-3 backpropagates through the frozen teacher "
+            f"(eval mode), which DeepSpeed < {ZERO3_EVAL_BACKWARD_DEEPSPEED} refuses ('backward "
+            f"pass is invalid for module in evaluation mode'); deepspeed {installed} is "
+            f"installed: pip install 'deepspeed>={ZERO3_EVAL_BACKWARD_DEEPSPEED}', or use ZeRO-2, "
+            "or --w_vsd 0"
+        )
 
 
 def _register_unhooked_parameters(module: nn.Module | None) -> None:

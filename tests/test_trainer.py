@@ -22,7 +22,7 @@ from switchkd_plugin.testing import (
     student_spec,
     teacher_spec,
 )
-from switchkd_plugin.trainer import SwitchKDTrainer
+from switchkd_plugin.trainer import SwitchKDTrainer, SwitchKDTrainerMixin, switchkd_trainer_class
 
 TOKENIZER_KWARG = (
     "processing_class"
@@ -87,7 +87,7 @@ def _trainer(
         data_collator=_only,
         **{TOKENIZER_KWARG: tokenizer},
     )
-    if trainer_class is SwitchKDTrainer:
+    if issubclass(trainer_class, SwitchKDTrainerMixin):
         switchkd.setdefault("distill", "switchkd")
         if switchkd["distill"] == "switchkd":
             switchkd.setdefault("teacher_model_path", "given-as-object")
@@ -199,6 +199,39 @@ def test_gradient_accumulation_averages_over_the_whole_window(
     )
     accumulated.train()
     _assert_same_update(accumulated.model, whole.model, student)
+    # The Trainer's own report is the window's token mean too, whatever it divides by.
+    logged = [
+        [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        for trainer in (accumulated, whole)
+    ]
+    torch.testing.assert_close(logged[0], logged[1], rtol=1e-5, atol=1e-4)  # 4.x rounds to 1e-4
+
+
+class _BackwardWithoutAccelerate(transformers.Trainer):
+    """A host whose training_step skips accelerator.backward (as apex does)."""
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = self.compute_loss(model, inputs)
+        loss.backward()
+        return loss.detach()
+
+
+def test_a_host_that_bypasses_accelerate_backward_is_refused_before_a_step(
+    hf_student, hf_teacher, tiny_tokenizer, tmp_path
+):
+    student = copy.deepcopy(hf_student).train()
+    batches = [make_host_batch(student, tiny_tokenizer, n=2, seed=3)]
+    trainer = _trainer(
+        student,
+        tiny_tokenizer,
+        batches,
+        tmp_path,
+        teacher=hf_teacher,
+        trainer_class=switchkd_trainer_class(_BackwardWithoutAccelerate),
+    )
+    with pytest.raises(RuntimeError, match=r"without accelerator\.backward"):
+        trainer.train()
+    _assert_same_weights(student, hf_student, rtol=0, atol=0)
 
 
 def test_teacher_stays_frozen_outside_model_optimizer_and_checkpoint(
