@@ -173,8 +173,8 @@ class SwitchKDTrainerMixin:
         self._teacher_engine = None  # the DeepSpeed engine sharding the teacher under ZeRO-3
         self._zero3_ready = False
         self._term_log = _TermLog()
-        self._nonfinite_in_a_row = self._nonfinite_skipped = 0
         self._backward: BackwardRouter | None = None
+        self._nonfinite_in_a_row = self._nonfinite_skipped = 0
         if self.switchkd_args.distill == "switchkd":
             self._engine = self._build_engine(teacher_model, teacher_tokenizer)
             self._backward = BackwardRouter(self.accelerator)
@@ -366,7 +366,7 @@ class SwitchKDTrainerMixin:
             loss = terms.loss / max(terms.response_tokens, 1)
             return (loss, {"loss": loss}) if return_outputs else loss
         skipped = self._skip_if_non_finite(model, inputs, terms)
-        if skipped is not None:
+        if skipped is not None:  # a zero-gradient loss: no scaling to get right
             return (skipped, {"loss": skipped}) if return_outputs else skipped
         # Gradients are averaged over ranks (x world size): what remains is sum / tokens.
         loss = terms.loss / self._normaliser(num_items_in_batch, window_items, terms)
@@ -377,6 +377,12 @@ class SwitchKDTrainerMixin:
         args = self.switchkd_args
         self._term_log.add(terms, (args.w_ce, args.w_align, args.w_vsd))
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if self._backward is not None:  # before any optimizer step: refuse, never train wrong
+            self._backward.check_consumed()
+        return loss
 
     def _skip_if_non_finite(self, model, batch: dict, terms: StepTerms) -> Tensor | None:
         """None when every term of this micro-batch is finite on every data-parallel rank.
@@ -411,12 +417,6 @@ class SwitchKDTrainerMixin:
         else:
             message += " No weight was updated with it; --nonfinite skip drops such batches."
         raise FloatingPointError(message)
-
-    def training_step(self, *args, **kwargs):
-        loss = super().training_step(*args, **kwargs)
-        if self._backward is not None:  # before any optimizer step: refuse, never train wrong
-            self._backward.check_consumed()
-        return loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:  # a training log: add the per-term means since the last one
