@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tensor_checks import assert_close_to_scale
 from torch import Tensor, nn
 
 from switchkd_plugin.adapters import HFLlavaAdapter, VLMAdapter, adapter_for
@@ -151,8 +152,9 @@ def test_engine_equals_full_logits_reference(models, tiny_tokenizer, switch_poin
             expected = reference_grads[name]
             if expected is None:
                 assert grad is None or grad.abs().max() == 0, name
-            else:
-                torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+            else:  # chunked lm_head matmuls sum in another order: float32 round-off of sums
+                # of ~1e2 terms of gradients up to ~1e1 (the loss is a sum over ~40 tokens)
+                assert_close_to_scale(grad, expected, 1e-5, 1e-6, name=f"chunk {chunk}: {name}")
 
 
 def test_pathways_with_different_image_token_counts_align_by_labels(hf_student, tiny_tokenizer):
