@@ -8,8 +8,8 @@ layer's activations at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from functools import partial
 
 from torch import nn
@@ -23,20 +23,27 @@ def _checkpointed(forward, *args, **kwargs):
 
 
 @contextmanager
-def checkpoint_each_layer(layers: Sequence[nn.Module]) -> Iterator[None]:
-    """Within the block, every call of a layer in `layers` saves only its inputs for backward
-    and recomputes its forward there. Each layer's `forward` attribute is restored exactly on
-    exit (an instance-level forward installed by someone else included)."""
-    previous = [layer.__dict__.get("forward", _NO_INSTANCE_FORWARD) for layer in layers]
-    for layer in layers:
-        # Module hooks stay on `__call__`, outside the checkpoint: ZeRO-3 still gathers each
-        # submodule's parameters when the recompute calls it.
-        layer.forward = partial(_checkpointed, layer.forward)
+def swapped_forward(module: nn.Module, forward: Callable) -> Iterator[None]:
+    """`module.forward = forward` within the block; on exit the attribute is exactly what it was
+    (the class's forward, or an instance-level one a wrapper installed, e.g. accelerate's)."""
+    previous = module.__dict__.get("forward", _NO_INSTANCE_FORWARD)
+    module.forward = forward
     try:
         yield
     finally:
-        for layer, forward in zip(layers, previous, strict=True):
-            if forward is _NO_INSTANCE_FORWARD:
-                del layer.forward
-            else:
-                layer.forward = forward
+        if previous is _NO_INSTANCE_FORWARD:
+            del module.forward
+        else:
+            module.forward = previous
+
+
+@contextmanager
+def checkpoint_each_layer(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """Within the block, every call of a layer in `layers` saves only its inputs for backward
+    and recomputes its forward there. Each layer's `forward` attribute is restored exactly on
+    exit. Module hooks stay on `__call__`, outside the checkpoint: ZeRO-3 still gathers each
+    submodule's parameters when the recompute calls it."""
+    with ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(swapped_forward(layer, partial(_checkpointed, layer.forward)))
+        yield
