@@ -244,6 +244,16 @@ class SwitchKDTrainerMixin:
             checkpointing = bool(self.args.gradient_checkpointing)
         agree = self._agree_chunks if self.args.world_size > 1 else None
         engine_args = replace(args, teacher_gradient_checkpointing=checkpointing)
+        if self._teacher_sharded and self.args.world_size > 1 and args.lm_head_chunk_size:
+            # A chunk recomputed in backward calls the sharded teacher's lm_head outside its
+            # engine's forward, where DeepSpeed (0.19) does not gather it again.
+            logger.warning(
+                "Switch-KD: ZeRO-3 with a sharded teacher on %d ranks: the lm_heads run on all "
+                "response rows at once (--lm_head_chunk_size is not used); --teacher_zero3 "
+                "replicate keeps the chunks",
+                self.args.world_size,
+            )
+            engine_args = replace(engine_args, lm_head_chunk_size=0)
         return SwitchKDEngine(student, teacher_adapter, engine_args, vocab, run_switch, agree)
 
     @property
