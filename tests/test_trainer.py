@@ -387,8 +387,8 @@ def test_bf16_training_keeps_the_losses_in_float32(hf_student, hf_teacher, tiny_
     trainer.train()
     hook.remove()
     assert seen and set(seen) == {torch.bfloat16}
-    with torch.no_grad():  # still the host's forward (or accelerate's wrapper of it), not ours
-        assert student(**batches[0]).loss.dtype == torch.float32
+    # The host's forward again (or accelerate's autocast wrapper of it), not the engine's lambda.
+    assert student.forward.__name__ != "<lambda>"
     logs = [entry for entry in trainer.state.log_history if "ce" in entry]
     assert logs and all(torch.isfinite(torch.tensor(e["total"])) for e in logs)
 
