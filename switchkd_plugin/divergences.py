@@ -4,6 +4,8 @@ A DBiLD-family term splits into a no-grad selection (led top-k ids and the teach
 there, `[n, ΣK]`) and a differentiable loss on the student side's values at those ids, so the
 engine can compute the selection once per chunk, share the teacher-led branch between terms and
 keep it for the recompute in backward. A full-vocabulary KL term needs both `[n, V]` sides.
+A non-finite sum is returned, not raised: the trainer checks every term and decides on all
+data-parallel ranks alike.
 """
 
 from __future__ import annotations
@@ -48,7 +50,11 @@ class DBiLDTerm:
     def __call__(self, student: Tensor, selection: DBiLDSelection) -> tuple[Tensor, KStats]:
         """Sum over the rows (differentiable in `student [n, V]`) and the k of each branch."""
         per_row = dbild_selected(
-            student, selection, temperature=self.temperature, divergence=self.divergence
+            student,
+            selection,
+            temperature=self.temperature,
+            divergence=self.divergence,
+            check_finite=False,
         )
         return per_row.sum(), selection.stats(self.k_min)
 
@@ -67,6 +73,7 @@ class FullKLTerm:
             temperature=self.temperature,
             direction=self.direction,
             reduction="sum",
+            check_finite=False,
         )
 
 

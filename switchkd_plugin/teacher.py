@@ -11,11 +11,11 @@ import transformers
 from packaging import version
 from torch import nn
 
-from .checks import check_teacher_path
+from .checks import check_teacher_path, check_teacher_weights
 
 logger = logging.getLogger(__name__)
 
-_DTYPE_KWARG = (
+DTYPE_KWARG = (
     "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
 )
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -48,6 +48,7 @@ def load_teacher(
     full weights instead (`--teacher_zero3 replicate`).
     """
     directory = check_teacher_path(path)
+    check_teacher_weights(directory)
     try:
         config = model_class.config_class.from_pretrained(str(directory))
         for part, choice in (
@@ -59,7 +60,7 @@ def load_teacher(
         logger.info("Switch-KD: loading the teacher %s from %s", model_class.__name__, directory)
         with nullcontext() if partitioned else _zero3_init_disabled():
             teacher = model_class.from_pretrained(
-                str(directory), config=config, **{_DTYPE_KWARG: dtype}
+                str(directory), config=config, **{DTYPE_KWARG: dtype}
             )
     except (OSError, ValueError) as error:
         raise ValueError(

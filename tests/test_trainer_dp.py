@@ -12,17 +12,23 @@ import json
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from test_trainer import assert_same_step
+
+from switchkd_plugin.trainer import ZERO3_EVAL_BACKWARD_DEEPSPEED
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_dp_worker.py")
 NO_SHM = Path(__file__).with_name("deepspeed_no_shm")  # skips a 40-60 s JIT build per environment
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+# Older DeepSpeed refuses ZeRO-3 backward through the eval-mode teacher: the trainer says so.
+OLD_ZERO3 = HAS_DEEPSPEED and Version(version("deepspeed")) < Version(ZERO3_EVAL_BACKWARD_DEEPSPEED)
 
 
 def _deepspeed_config(stage: int, tmp_path: Path) -> Path:
@@ -44,7 +50,9 @@ def _run(
     stage: int | None,
     mode: str | None = None,
     teacher_zero3: str = "shard",
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor] | str:
+    """The trained weights; on DeepSpeed < 0.15.4 under ZeRO-3, the run's output, which must
+    hold the trainer's refusal."""
     out = tmp_path / f"{processes}-ranks-zero{stage}-{teacher_zero3}"
     out.mkdir()
     mode = mode or ("split" if processes > 1 else "accumulate")
@@ -56,7 +64,11 @@ def _run(
                f"--nproc_per_node={processes}", str(WORKER), str(out), mode, config,
                teacher_zero3]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = result.stdout[-3000:] + result.stderr[-3000:]
+    if stage == 3 and OLD_ZERO3:
+        assert result.returncode != 0 and f"deepspeed>={ZERO3_EVAL_BACKWARD_DEEPSPEED}" in log, log
+        return log
+    assert result.returncode == 0, log
     return transformers.LlavaForConditionalGeneration.from_pretrained(str(out)).state_dict()
 
 
@@ -75,8 +87,10 @@ def test_layouts_take_the_same_step(tmp_path, reference, processes, stage, teach
     """Two ranks need different numbers of lm_head chunks here (ZeRO-3 included)."""
     if stage is not None and not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
-    weights = _run(tmp_path, processes, stage, teacher_zero3=teacher_zero3)
-    assert_same_step(weights, reference, _initial_weights())
+    after = _run(tmp_path, processes, stage, teacher_zero3=teacher_zero3)
+    if isinstance(after, str):
+        pytest.skip(f"deepspeed {version('deepspeed')}: ZeRO-3 Switch-KD refused, as it must be")
+    assert_same_step(after, reference, _initial_weights())
 
 
 def _initial_weights() -> dict[str, torch.Tensor]:
@@ -93,6 +107,8 @@ def test_ranks_stay_in_step_when_one_has_no_response_token(tmp_path, stage):
     if stage is not None and not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
     weights = _run(tmp_path, 2, stage, mode="split-empty")
+    if isinstance(weights, str):
+        pytest.skip(f"deepspeed {version('deepspeed')}: ZeRO-3 Switch-KD refused, as it must be")
     before = _initial_weights()
     assert all(torch.isfinite(value).all() for value in weights.values())
     (head,) = [name for name in before if name.endswith("lm_head.weight")]

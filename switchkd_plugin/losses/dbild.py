@@ -1,6 +1,6 @@
 """DBiLD: bidirectional logit-difference distillation with a dynamic (Kneedle) top-k.
 
-Switch-KD's distillation divergence (DESIGN §2). One function covers the ablation family:
+Switch-KD's distillation divergence (docs/method.md). One function covers the ablation family:
 BiLD (arXiv 2406.13555) is `k_mode="fixed", fixed_k=8, divergence="fkl"` with both directions.
 """
 
@@ -151,10 +151,12 @@ def dbild_selected(
     temperature: float,
     divergence: str,
     pair_algorithm: str = "cumulative",
+    check_finite: bool = True,
 ) -> Tensor:
     """DBiLD per row `[n]` from the student logits `[n, V]` (differentiable) at the selected ids.
 
-    Float32 (float64 stays float64) on the gathered `[n, ΣK]` values only.
+    Float32 (float64 stays float64) on the gathered `[n, ΣK]` values only. `check_finite`:
+    raise on a non-finite row, naming the side; False returns it as is.
     """
     pair_kl = PAIR_KL[pair_algorithm]
     student_values = upcast(student_logits.gather(-1, selection.ids))
@@ -168,7 +170,8 @@ def dbild_selected(
         valid = torch.arange(t.shape[-1], device=t.device) < branch.k[:, None]
         first, second = (s, t) if divergence == "rkl" else (t, s)
         per_row = per_row + pair_kl(first, second, valid)
-    raise_if_non_finite(per_row, student_values, teacher_values)
+    if check_finite:
+        raise_if_non_finite(per_row, student_values, teacher_values)
     return per_row
 
 
@@ -188,6 +191,7 @@ def dbild_loss(
     reduction: Literal["mean", "sum", "none"] = "mean",
     pair_algorithm: Literal["cumulative", "explicit"] = "cumulative",
     return_stats: bool = False,
+    check_finite: bool = True,
 ) -> Tensor | DBiLDOutput:
     """DBiLD between student and teacher logits over the rows where `mask` is True.
 
@@ -216,6 +220,8 @@ def dbild_loss(
         pair_algorithm: `cumulative` (exact, O(k) per row; the default) or `explicit` (all O(k^2)
             pairs materialised; the reference, never for training).
         return_stats: return a `DBiLDOutput(loss, stats)` with the k chosen per row and branch.
+        check_finite: raise on a non-finite loss (naming the side); False returns it as is (the
+            trainer then decides, identically on every rank, whether to stop or skip the batch).
 
     The loss is computed in float32 whatever the input dtype (float64 stays float64).
     Raises `ValueError` on mismatched shapes, unknown options, and NaN/inf logits (naming the side).
@@ -241,6 +247,7 @@ def dbild_loss(
             temperature=temperature,
             divergence=divergence,
             pair_algorithm=pair_algorithm,
+            check_finite=check_finite,
         )
         stats = selection.stats(k_min)
     loss = reduce_rows(per_row, reduction)
