@@ -25,7 +25,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_trainer import _split, _trainer
 
 
-def main(out_dir: str, world_micro_batches: str, deepspeed: str | None = None) -> None:
+def main(
+    out_dir: str, world_micro_batches: str, deepspeed: str = "", teacher_zero3: str = "shard"
+) -> None:
     tokenizer = build_tokenizer()
     student = build_hf_llava(student_spec(), tokenizer).train()
     teacher = build_hf_llava(teacher_spec(), tokenizer).requires_grad_(False).eval()
@@ -43,8 +45,9 @@ def main(out_dir: str, world_micro_batches: str, deepspeed: str | None = None) -
     if deepspeed:
         training["deepspeed"] = deepspeed
     # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.
+    # The ranks' micro-batches need different chunk counts: they agree on the larger one.
     trainer = _trainer(student, tokenizer, micro, out_dir, teacher=teacher, training=training,
-                       lm_head_chunk_size=16)  # fmt: skip
+                       lm_head_chunk_size=16, teacher_zero3=teacher_zero3)  # fmt: skip
     assert trainer.is_deepspeed_enabled == bool(deepspeed)
     trainer.train()
     trainer.save_model(out_dir)  # gathers ZeRO-3 shards on rank 0

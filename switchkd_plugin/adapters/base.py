@@ -57,6 +57,18 @@ class VLMAdapter(ABC):
         """The output projection, weight [V, H]."""
 
     @property
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        """The decoder's transformer blocks, in order (what per-layer checkpointing wraps)."""
+        layers = getattr(self.decoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(
+                f"{type(self.decoder).__name__} keeps no `layers` list of decoder blocks, so the "
+                "teacher cannot be checkpointed per layer: set --teacher_gradient_checkpointing "
+                "False, or override `decoder_layers` in this host's adapter"
+            )
+        return layers
+
+    @property
     def input_embeddings(self) -> nn.Module:
         """The LM's token embedding, weight [V, H]."""
         return self.model.get_input_embeddings()
