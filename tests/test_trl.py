@@ -36,16 +36,19 @@ def example():
     sys.modules.pop(spec.name, None)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=qwen.FAMILIES)
+def workdir(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path]:
     """Tiny 'teacher' and 'student' checkpoints of one line (shared ViT weights), the teacher's
     tokenizer beside it, and a prompt-completion dataset with images in TRL's vision format."""
     import datasets
 
-    root = tmp_path_factory.mktemp("trl")
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
     tokenizer = qwen.build_qwen_vl_tokenizer()
-    qwen.build_qwen_vl("qwen2_5_vl", student_spec(), tokenizer).save_pretrained(root / "student")
-    qwen.build_qwen_vl("qwen2_5_vl", teacher_spec(), tokenizer).save_pretrained(root / "teacher")
+    qwen.build_qwen_vl(family, student_spec(), tokenizer).save_pretrained(root / "student")
+    qwen.build_qwen_vl(family, teacher_spec(), tokenizer).save_pretrained(root / "teacher")
     tokenizer.save_pretrained(root / "teacher")
     questions = ["what colour is the circle?", "how many shapes can you see?"] * 3
     answers = [" ".join(["the red circle is on the left."] * (i + 1)) for i in range(6)]
@@ -61,7 +64,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "images": [[image] for image in qwen.make_images(6)],
         }
     ).save_to_disk(root / "data")
-    return root
+    return family, root
 
 
 def _argv(root: Path, out: Path, *extra: str) -> list[str]:
@@ -77,14 +80,15 @@ def _argv(root: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def _processor():
-    return qwen.build_processor("qwen2_5_vl", qwen.build_qwen_vl_tokenizer())
+def _processor(family: str):
+    return qwen.build_processor(family, qwen.build_qwen_vl_tokenizer())
 
 
 def test_trl_collated_batches_give_the_hosts_loss(example, workdir, tmp_path):
     """A batch from TRL's processor-based collator: the engine's CE is the host's own loss."""
+    family, root = workdir
     trainer = example.build_trainer(
-        _argv(workdir, tmp_path, "--w_align", "0", "--w_vsd", "0"), _processor()
+        _argv(root, tmp_path, "--w_align", "0", "--w_vsd", "0"), _processor(family)
     )
     collator = trainer.data_collator
     assert isinstance(collator, trl.trainer.sft_trainer.DataCollatorForVisionLanguageModeling)
@@ -101,19 +105,19 @@ def test_example_distils_through_sft_trainer(example, workdir, tmp_path):
     """The example end to end: every term logged, the VSD term 0 at the first step (student and
     teacher start from the shared ViT) and > 0 once the student's ViT has moved; the teacher
     untouched; the saved student and processor reload."""
+    family, root = workdir
     out = tmp_path / "run"
-    trainer = example.main(_argv(workdir, out, "--max_steps", "4"), _processor())
+    trainer = example.main(_argv(root, out, "--max_steps", "4"), _processor(family))
     assert type(trainer).__mro__[2] is trl.SFTTrainer
     logs = [entry for entry in trainer.state.log_history if "ce" in entry]
     assert len(logs) == 4 and all(key in logs[0] for key in ("ce", "align", "vsd", "total"))
     assert abs(logs[0]["vsd"]) < 1e-6 < logs[-1]["vsd"]
-    saved_teacher = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        workdir / "teacher"
-    )
+    model_class = type(trainer.model)
+    saved_teacher = model_class.from_pretrained(root / "teacher")
     teacher_state = trainer.teacher.state_dict()
     for name, value in saved_teacher.state_dict().items():  # in the training dtype (TRL: bf16)
         assert torch.equal(teacher_state[name], value.to(teacher_state[name].dtype)), name
-    reloaded = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out)
+    reloaded = model_class.from_pretrained(out)
     assert adapter_for(reloaded).vision_output_width == 32
     for name, value in reloaded.state_dict().items():
         assert torch.equal(value, trainer.model.state_dict()[name]), name
