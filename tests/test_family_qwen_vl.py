@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from test_trainer import _trainer
+from test_trainer import _trainer, assert_same_step
+from test_trainer_dp import HAS_DEEPSPEED, _run
 from torch import Tensor, nn
 
 from switchkd_plugin.adapters import adapter_for
@@ -292,3 +293,16 @@ def test_padded_lm_heads_over_one_tokenizer_distil_the_shared_vocabulary(
     assert trainer._engine.vocab == len(tokenizer)
     trainer.train()
     assert all(torch.isfinite(torch.tensor(e["total"])) for e in trainer.state.log_history[:1])
+
+
+def test_two_zero3_ranks_take_the_one_rank_step(tmp_path):
+    """Qwen2.5-VL through DeepSpeed ZeRO-3 on 2 ranks (one micro-batch each, the teacher
+    sharded) moves the student exactly like 1 plain rank accumulating both micro-batches."""
+    if not hasattr(transformers, HOST_CLASSES["qwen2_5_vl"]):
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen2.5-VL")
+    if not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
+    initial = qwen.build_qwen_vl("qwen2_5_vl", student_spec(), qwen.build_qwen_vl_tokenizer())
+    reference = _run(tmp_path, 1, None, family="qwen2_5_vl")
+    zero3 = _run(tmp_path, 2, 3, family="qwen2_5_vl")
+    assert_same_step(zero3, reference, initial.state_dict())

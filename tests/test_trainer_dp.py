@@ -39,20 +39,27 @@ def _deepspeed_config(stage: int, tmp_path: Path) -> Path:
 
 
 def _run(
-    tmp_path: Path, processes: int, stage: int | None, mode: str | None = None
+    tmp_path: Path,
+    processes: int,
+    stage: int | None,
+    mode: str | None = None,
+    family: str = "hf_llava",
 ) -> dict[str, torch.Tensor]:
+    """The student after one step of `_dp_worker.py` (`family`: hf_llava, qwen2_5_vl, qwen3_vl)."""
     out = tmp_path / f"{processes}-ranks-zero{stage}"
     out.mkdir()
     mode = mode or ("split" if processes > 1 else "accumulate")
     extra = [] if stage is None else [str(_deepspeed_config(stage, tmp_path))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["SWITCHKD_TEST_FAMILY"] = family
     if stage is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(NO_SHM), os.environ.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={processes}", str(WORKER), str(out), mode, *extra]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return transformers.LlavaForConditionalGeneration.from_pretrained(str(out)).state_dict()
+    model_class = transformers.AutoConfig.from_pretrained(str(out)).architectures[0]
+    return getattr(transformers, model_class).from_pretrained(str(out)).state_dict()
 
 
 @pytest.fixture(scope="module")
