@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 from abc import abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -67,7 +67,7 @@ class QwenImageEmbeds:
     """
 
     tokens: Tensor
-    deepstack: tuple[Tensor, ...] = field(default_factory=tuple)
+    deepstack: tuple[Tensor, ...] = ()
 
 
 class _QwenVLAdapter(VLMAdapter):
