@@ -333,3 +333,29 @@ def test_two_zero3_ranks_take_the_one_rank_step(tmp_path):
     reference = _run(tmp_path, 1, None, family="qwen2_5_vl")
     zero3 = _run(tmp_path, 2, 3, family="qwen2_5_vl")
     assert_same_step(zero3, reference, initial.state_dict())
+
+
+def test_teacher_gradient_checkpointing_keeps_the_deepstack_gradient(pair, tokenizer):
+    """Recomputing the teacher decoder in backward (--teacher_gradient_checkpointing) gives the
+    switch's gradients, including what reaches the ViT through Qwen3-VL's deepstack features."""
+    student, teacher = pair
+    batch = qwen.make_qwen_vl_batch(tokenizer, n=2, seed=5)
+    results = []
+    for checkpointing in (False, True):
+        args = SwitchKDArguments(
+            distill="switchkd",
+            teacher_model_path="unused",
+            w_ce=0.0,
+            w_align=0.0,
+            teacher_gradient_checkpointing=checkpointing,
+        )
+        student.zero_grad()
+        engine = SwitchKDEngine(
+            adapter_for(student), adapter_for(teacher), args, len(tokenizer), True
+        )
+        engine(batch).loss.backward()
+        results.append({name: _grads(student)[name] for name in _vit_names(student)})
+    plain, recomputed = results
+    assert any(grad is not None and grad.abs().max() > 0 for grad in plain.values())
+    for name, grad in recomputed.items():
+        _assert_grad_close(grad, plain[name], name)
