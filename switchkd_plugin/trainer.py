@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .adapters import VLMAdapter, adapter_for
 from .checks import (
+    check_switch_fields,
     check_switch_widths,
     check_teacher_path,
     check_teacher_tokenizer_files,
@@ -286,6 +287,7 @@ class SwitchKDTrainerMixin:
         run_switch = args.w_vsd > 0 and teacher_adapter is not None
         if run_switch:
             check_switch_widths(student, teacher_adapter, args.switch_point)
+            check_switch_fields(student, teacher_adapter, args.switch_point)
             if not vision_is_trainable(student):
                 logger.warning(
                     "Switch-KD: --w_vsd %s but the student's vision encoder has no trainable "

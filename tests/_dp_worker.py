@@ -25,14 +25,32 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_trainer import _split, _trainer
 
 
+def _models_and_micro_batches(family: str):
+    """(tokenizer, student, teacher, two micro-batches of 1 and 3 samples) of one family."""
+    if family == "hf_llava":
+        tokenizer = build_tokenizer()
+        student = build_hf_llava(student_spec(), tokenizer).train()
+        teacher = build_hf_llava(teacher_spec(), tokenizer).requires_grad_(False).eval()
+        return (
+            tokenizer,
+            student,
+            teacher,
+            _split(make_host_batch(student, tokenizer, n=4, seed=7), (1, 3)),
+        )
+    from switchkd_plugin.testing import qwen_vl
+
+    tokenizer = qwen_vl.build_qwen_vl_tokenizer()
+    student = qwen_vl.build_qwen_vl(family, student_spec(), tokenizer).train()
+    teacher = qwen_vl.build_qwen_vl(family, teacher_spec(), tokenizer)
+    micro = [qwen_vl.make_qwen_vl_batch(tokenizer, n=n, seed=7 + n) for n in (1, 3)]
+    return tokenizer, student, teacher.requires_grad_(False).eval(), micro
+
+
 def main(
     out_dir: str, world_micro_batches: str, deepspeed: str = "", teacher_zero3: str = "shard"
 ) -> None:
-    tokenizer = build_tokenizer()
-    student = build_hf_llava(student_spec(), tokenizer).train()
-    teacher = build_hf_llava(teacher_spec(), tokenizer).requires_grad_(False).eval()
-    batch = make_host_batch(student, tokenizer, n=4, seed=7)
-    micro = _split(batch, (1, 3))
+    family = os.environ.get("SWITCHKD_TEST_FAMILY", "hf_llava")  # tests/test_family_qwen_vl.py
+    tokenizer, student, teacher, micro = _models_and_micro_batches(family)
     if world_micro_batches == "split-empty":  # one rank's micro-batch has no response token
         micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
     accumulation = 2 if world_micro_batches == "accumulate" else 1

@@ -50,14 +50,17 @@ def _run(
     stage: int | None,
     mode: str | None = None,
     teacher_zero3: str = "shard",
+    family: str = "hf_llava",
 ) -> dict[str, torch.Tensor] | str:
-    """The trained weights; on DeepSpeed < 0.15.4 under ZeRO-3, the run's output, which must
-    hold the trainer's refusal."""
+    """The student's weights after one step of `_dp_worker.py` (`family`: hf_llava, qwen2_5_vl,
+    qwen3_vl); on DeepSpeed < 0.15.4 under ZeRO-3, the run's output, which must hold the
+    trainer's refusal."""
     out = tmp_path / f"{processes}-ranks-zero{stage}-{teacher_zero3}"
     out.mkdir()
     mode = mode or ("split" if processes > 1 else "accumulate")
     config = "" if stage is None else str(_deepspeed_config(stage, tmp_path))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["SWITCHKD_TEST_FAMILY"] = family
     if stage is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(NO_SHM), os.environ.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -69,7 +72,8 @@ def _run(
         assert result.returncode != 0 and f"deepspeed>={ZERO3_EVAL_BACKWARD_DEEPSPEED}" in log, log
         return log
     assert result.returncode == 0, log
-    return transformers.LlavaForConditionalGeneration.from_pretrained(str(out)).state_dict()
+    model_class = transformers.AutoConfig.from_pretrained(str(out)).architectures[0]
+    return getattr(transformers, model_class).from_pretrained(str(out)).state_dict()
 
 
 @pytest.fixture(scope="module")

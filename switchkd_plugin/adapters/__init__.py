@@ -6,15 +6,23 @@ from torch import nn
 
 from switchkd_plugin.adapters.base import MultimodalInputs, SpliceRules, VLMAdapter
 from switchkd_plugin.adapters.hf_llava import HFLlavaAdapter
+from switchkd_plugin.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen3VLAdapter
 from switchkd_plugin.adapters.splice import splice_image_features
 from switchkd_plugin.adapters.tinyllava import TinyLlavaAdapter
 
-ADAPTERS: tuple[type[VLMAdapter], ...] = (TinyLlavaAdapter, HFLlavaAdapter)
+ADAPTERS: tuple[type[VLMAdapter], ...] = (
+    TinyLlavaAdapter,
+    HFLlavaAdapter,
+    Qwen2_5_VLAdapter,
+    Qwen3VLAdapter,
+)
 
 __all__ = [
     "ADAPTERS",
     "HFLlavaAdapter",
     "MultimodalInputs",
+    "Qwen2_5_VLAdapter",
+    "Qwen3VLAdapter",
     "SpliceRules",
     "TinyLlavaAdapter",
     "VLMAdapter",
