@@ -130,12 +130,14 @@ class SwitchKDEngine:
             inputs = teacher.pathway_inputs(batch, teacher.project(features))
             return ResponseRows.from_pathway(teacher.decode(inputs), inputs.labels)
 
-    def _switch_rows(self, student_features: Tensor, student_embeds: Tensor, batch) -> ResponseRows:
+    def _switch_rows(self, student_features, student_embeds, batch: dict) -> ResponseRows:
         teacher = self.teacher
-        if self.args.switch_point == "vision":
-            embeds = teacher.project(student_features)
-        else:
-            embeds = student_embeds.to(teacher.input_embeddings.weight.dtype)
+        # pathway_inputs casts the student's embeddings to the teacher's dtype
+        embeds = (
+            teacher.project(student_features)
+            if self.args.switch_point == "vision"
+            else student_embeds
+        )
         inputs = teacher.pathway_inputs(batch, embeds)
         if self.args.teacher_gradient_checkpointing:
             hidden = checkpoint(

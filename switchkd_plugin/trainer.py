@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .adapters import VLMAdapter, adapter_for
 from .checks import (
+    check_switch_fields,
     check_switch_widths,
     check_teacher_path,
     shared_vocab_size,
@@ -202,6 +203,7 @@ class SwitchKDTrainerMixin:
         run_switch = args.w_vsd > 0 and teacher_adapter is not None
         if run_switch:
             check_switch_widths(student, teacher_adapter, args.switch_point)
+            check_switch_fields(student, teacher_adapter, args.switch_point)
             if not vision_is_trainable(student):
                 logger.warning(
                     "Switch-KD: --w_vsd %s but the student's vision encoder has no trainable "
