@@ -51,6 +51,13 @@ FAMILY_TOKENS: dict[Family, dict[str, str]] = {
 # InternVL's and SmolVLM's pixel shuffle and Gemma 3's pooling leave 16 tokens per image.
 IMAGE_SIZES: dict[Family, int] = {"llava_onevision": 32, "internvl": 64, "gemma3": 64, "smolvlm": 64}
 ONEVISION_GRID = [[32, 32], [32, 64], [64, 32], [64, 64]]
+ZERO_INITIALISED: dict[Family, tuple[str, ...]] = {
+    "gemma3": ("model.multi_modal_projector.mm_input_projection_weight",),
+    "internvl": (
+        "model.vision_tower.embeddings.cls_token",
+        "model.vision_tower.embeddings.position_embeddings",
+    ),
+}
 
 
 def family_host_class(family: Family) -> type | None:
@@ -199,6 +206,11 @@ def build_family_model(family: Family, spec: TinyVLMSpec, tokenizer) -> torch.nn
         model = family_host_class(family)._from_config(
             config, attn_implementation=spec.attn_implementation
         )
+        # Parameters the host initialises to zeros that would make a stage trivial here: Gemma
+        # 3's image projection (zero image embeddings, zero vision gradients), InternViT's
+        # position embeddings (patch order invisible). Pretrained ones are not zero.
+        for name in ZERO_INITIALISED.get(family, ()):
+            torch.nn.init.normal_(model.get_parameter(name), std=spec.vision_hidden_size**-0.5)
     return model.float()
 
 
