@@ -98,7 +98,7 @@ def test_adapter_reproduces_the_host_forward(family: str, padding_side: str) -> 
     model.zero_grad()
     host = model(**batch)
     host.loss.backward()
-    host_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    host_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     logits, mask, labels = _pathway_logits(model, batch)
     loss = _shifted_ce(logits, labels)

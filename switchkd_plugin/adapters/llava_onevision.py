@@ -152,4 +152,3 @@ class LlavaOnevisionAdapter(ScatteredImageTokensAdapter):
             vision_aspect_ratio=self.model.config.vision_aspect_ratio,
         )
         return super().pathway_inputs(batch, packed)
-

@@ -49,7 +49,12 @@ FAMILY_TOKENS: dict[Family, dict[str, str]] = {
 
 # Image side in pixels (patch 8): 4 x 4 patches per OneVision crop; 8 x 8 elsewhere, so that
 # InternVL's and SmolVLM's pixel shuffle and Gemma 3's pooling leave 16 tokens per image.
-IMAGE_SIZES: dict[Family, int] = {"llava_onevision": 32, "internvl": 64, "gemma3": 64, "smolvlm": 64}
+IMAGE_SIZES: dict[Family, int] = {
+    "llava_onevision": 32,
+    "internvl": 64,
+    "gemma3": 64,
+    "smolvlm": 64,
+}
 ONEVISION_GRID = [[32, 32], [32, 64], [64, 32], [64, 64]]
 ZERO_INITIALISED: dict[Family, tuple[str, ...]] = {
     "gemma3": ("model.multi_modal_projector.mm_input_projection_weight",),
@@ -286,7 +291,7 @@ def _placeholder(family: Family, tokenizer, blocks: list[int]) -> list[int]:
     ids: list[int] = []
     for index, tokens in enumerate(blocks):
         ids += [start] + ([end] if index == len(blocks) - 1 else []) + [image] * tokens
-    return ids + [start]
+    return [*ids, start]
 
 
 def make_family_batch(
@@ -308,9 +313,10 @@ def make_family_batch(
     generator = torch.Generator().manual_seed(seed)
     image_inputs = _image_inputs(family, n, IMAGE_SIZES[family], generator)
     blocks = _features_per_sample(family, model, image_inputs, n)
+    conversations = make_conversations(n, seed)
     samples = [
         _encode_sample(tokenizer, question, answer, _placeholder(family, tokenizer, sample_blocks))
-        for (question, answer), sample_blocks in zip(make_conversations(n, seed), blocks, strict=True)
+        for (question, answer), sample_blocks in zip(conversations, blocks, strict=True)
     ]
     ids = _pad([sample_ids for sample_ids, _ in samples], tokenizer.pad_token_id, padding_side)
     batch = {
