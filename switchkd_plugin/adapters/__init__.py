@@ -9,6 +9,7 @@ from switchkd_plugin.adapters.gemma3 import Gemma3Adapter
 from switchkd_plugin.adapters.hf_llava import HFLlavaAdapter
 from switchkd_plugin.adapters.internvl import InternVLAdapter
 from switchkd_plugin.adapters.llava_onevision import LlavaOnevisionAdapter
+from switchkd_plugin.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen3VLAdapter
 from switchkd_plugin.adapters.smolvlm import SmolVLMAdapter
 from switchkd_plugin.adapters.splice import splice_image_features
 from switchkd_plugin.adapters.tinyllava import TinyLlavaAdapter
@@ -16,6 +17,8 @@ from switchkd_plugin.adapters.tinyllava import TinyLlavaAdapter
 ADAPTERS: tuple[type[VLMAdapter], ...] = (
     TinyLlavaAdapter,
     HFLlavaAdapter,
+    Qwen2_5_VLAdapter,
+    Qwen3VLAdapter,
     LlavaOnevisionAdapter,
     InternVLAdapter,
     Gemma3Adapter,
@@ -29,6 +32,8 @@ __all__ = [
     "InternVLAdapter",
     "LlavaOnevisionAdapter",
     "MultimodalInputs",
+    "Qwen2_5_VLAdapter",
+    "Qwen3VLAdapter",
     "SmolVLMAdapter",
     "SpliceRules",
     "TinyLlavaAdapter",

@@ -110,10 +110,13 @@ class VLMAdapter(ABC):
 
     # -------------------------------------------------------------------------------- stages
 
-    @abstractmethod
     def encode_vision(self, images: Tensor) -> Tensor:
         """[B, 3, h, w] -> vision-encoder output before the connector [B, P, Dv], with the
-        host's feature layer and selection."""
+        host's feature layer and selection. Hosts whose images need more than one tensor (a
+        patch grid, sizes) override ``vision_features`` instead."""
+        raise NotImplementedError(
+            f"{type(self).__name__} encodes whole host batches: call vision_features(batch)"
+        )
 
     def project(self, features: Tensor) -> Tensor:
         """Connector: [B, P, Dv] -> [B, P', H]. Features from another model are cast to this
@@ -123,9 +126,12 @@ class VLMAdapter(ABC):
             features = features.to(device=weight.device, dtype=weight.dtype)
         return self.connector(features)
 
-    @abstractmethod
     def splice_rules(self, attention_mask: Tensor) -> SpliceRules:
-        """The host's placeholder convention and layout for a batch with this attention mask."""
+        """The host's placeholder convention and layout for a batch with this attention mask
+        (for ``build_inputs``; hosts that splice otherwise override ``pathway_inputs``)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} splices whole host batches: call pathway_inputs(batch, embeds)"
+        )
 
     def build_inputs(
         self,
