@@ -124,6 +124,22 @@ def test_adapter_reproduces_the_host_forward(family: str, padding_side: str) -> 
     model.zero_grad()
 
 
+def test_llava_onevision_multi_image_sample_reproduces_the_host() -> None:
+    """A sample with two images (the host packs them without anyres crops) next to one with a
+    single image: same logits as the host."""
+    if reason := family_skip_reason("llava_onevision"):
+        pytest.skip(reason)
+    model = _model("llava_onevision", "student")
+    batch = make_family_batch(
+        "llava_onevision", model, _tokenizer("llava_onevision"), n=2, images_per_sample=[2, 1]
+    )
+    assert batch["batch_num_images"].tolist() == [2, 1]
+    with torch.no_grad():
+        host = model(**batch).logits
+        logits, mask, _ = _pathway_logits(model, batch)
+    torch.testing.assert_close(logits[mask], host[mask], rtol=1e-5, atol=1e-5)
+
+
 def test_gemma3_image_tokens_attend_bidirectionally() -> None:
     """Without the token types (causal attention only) the image tokens' states change, so the
     parity above depends on reproducing the bidirectional mask."""
@@ -172,35 +188,50 @@ def _state(model: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def test_vsd_alone_moves_only_the_student_vision_encoder(family: str, tmp_path) -> None:
-    """--w_ce 0 --w_align 0: one SGD step changes the student's vision encoder and nothing
-    else of it; the teacher stays bit-identical."""
-    student, teacher = _pair(family)
+@pytest.mark.parametrize("switch_point", ["vision", "connector"])
+def test_vsd_alone_moves_only_the_student_vision_side(
+    family: str, switch_point: str, tmp_path
+) -> None:
+    """--w_ce 0 --w_align 0: one SGD step changes the student's vision encoder (and, switching
+    at the connector, its connector) and nothing else of it; the teacher stays bit-identical.
+    The connector switch needs a student LM as wide as the teacher's."""
+    wide = {"hidden_size": teacher_spec().hidden_size} if switch_point == "connector" else {}
+    student, teacher = _pair(family, **wide)
     tokenizer = _tokenizer(family)
     batch = make_family_batch(family, student, tokenizer, n=2, seed=3)
     student_before, teacher_before = _state(student), _state(teacher)
     trainer = _trainer(
-        student, tokenizer, [batch], tmp_path, teacher=teacher, w_ce=0.0, w_align=0.0, w_vsd=1.0
+        student,
+        tokenizer,
+        [batch],
+        tmp_path,
+        teacher=teacher,
+        w_ce=0.0,
+        w_align=0.0,
+        w_vsd=1.0,
+        switch_point=switch_point,
     )
     assert trainer._engine.run_switch
     trainer.train()
     assert trainer.state.log_history[0]["vsd"] > 0
 
-    vision = {id(p) for p in adapter_for(student).vision_module.parameters()}
-    moved_vision = False
+    adapter = adapter_for(student)
+    trained = [adapter.vision_module] + ([adapter.connector] if switch_point == "connector" else [])
+    trained_ids = {id(p): index for index, m in enumerate(trained) for p in m.parameters()}
+    moved = [False] * len(trained)
     for name, param in student.named_parameters():
-        if id(param) in vision:
-            moved_vision |= not torch.equal(param, student_before[name])
+        if id(param) in trained_ids:
+            moved[trained_ids[id(param)]] |= not torch.equal(param, student_before[name])
         else:
             assert torch.equal(param, student_before[name]), f"the switch term moved {name}"
-    assert moved_vision
+    assert all(moved)
     for name, param in teacher.named_parameters():
         assert torch.equal(param, teacher_before[name]), f"the teacher's {name} changed"
 
 
 def test_padded_lm_heads_distil_the_shared_vocabulary(family: str, tmp_path, caplog) -> None:
-    """A teacher whose lm_head is padded to a multiple of 64 rows, every term on: the terms
-    compare the shared tokenizer vocabulary, and one step trains with finite terms."""
+    """A bf16 teacher whose lm_head is padded to a multiple of 64 rows, every term on: the
+    terms compare the shared tokenizer vocabulary, and one step trains with finite terms."""
     student = copy.deepcopy(_model(family, "student", **SHARED_VISION)).train()
     teacher = copy.deepcopy(_model(family, "teacher", vocab_multiple_of=64))
     tokenizer = _tokenizer(family)
@@ -209,7 +240,10 @@ def test_padded_lm_heads_distil_the_shared_vocabulary(family: str, tmp_path, cap
     assert adapter_for(student).lm_head.weight.shape[0] == vocab
     batch = make_family_batch(family, student, tokenizer, n=2, seed=5)
     with caplog.at_level(logging.WARNING, logger="switchkd_plugin"):
-        trainer = _trainer(student, tokenizer, [batch], tmp_path, teacher=teacher)
+        # a bf16 teacher: the switch carries fp32 student features into it
+        trainer = _trainer(
+            student, tokenizer, [batch], tmp_path, teacher=teacher, teacher_dtype="bfloat16"
+        )
     assert f"shared tokenizer vocabulary of {vocab} tokens" in caplog.text
     assert trainer._engine.vocab == vocab
     trainer.train()

@@ -11,6 +11,7 @@ tokens; the family's extra image inputs), with the answer supervised.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -222,10 +223,14 @@ def build_family_model(family: Family, spec: TinyVLMSpec, tokenizer) -> torch.nn
 # ----------------------------------------------------------------------------------- batches
 
 
-def _image_inputs(family: Family, n: int, size: int, generator: torch.Generator) -> dict:
-    """The family's image inputs for ``n`` samples with one image each, of different shapes
-    (OneVision: image sizes picking different anyres grids; InternVL: 1 or 2 crops; SmolVLM: 1
-    or 2 crops, padded to 2 with an all-zero image, and a pixel mask with a padded strip)."""
+def _image_inputs(
+    family: Family, images_per_sample: list[int], size: int, generator: torch.Generator
+) -> dict:
+    """The family's image inputs, of different shapes (OneVision: image sizes picking
+    different anyres grids, multi-image samples as nested lists; InternVL: 1 or 2 crops per
+    sample; SmolVLM: 1 or 2 crops, padded to 2 with an all-zero image, and a pixel mask with a
+    padded strip)."""
+    n = len(images_per_sample)
 
     def pixels(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, 3, size, size, generator=generator)
@@ -233,12 +238,17 @@ def _image_inputs(family: Family, n: int, size: int, generator: torch.Generator)
     if family == "llava_onevision":
         from PIL import Image
 
-        sizes = [(40, 70), (64, 64), (70, 36), (30, 30)][:n] + [(32, 32)] * max(0, n - 4)
+        sizes = [(40, 70), (64, 64), (70, 36), (30, 30)]
         images = [
-            Image.fromarray(
-                torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy()
-            )
-            for h, w in sizes
+            [
+                Image.fromarray(
+                    torch.randint(
+                        0, 256, (*sizes[(i + j) % 4], 3), generator=generator, dtype=torch.uint8
+                    ).numpy()
+                )
+                for j in range(count)
+            ]
+            for i, count in enumerate(images_per_sample)
         ]
         processor = transformers.LlavaOnevisionImageProcessorPil(
             size={"height": size, "width": size}, image_grid_pinpoints=ONEVISION_GRID
@@ -260,13 +270,19 @@ def _image_inputs(family: Family, n: int, size: int, generator: torch.Generator)
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
-def _features_per_sample(family: Family, model, image_inputs: dict, n: int) -> list[list[int]]:
+def _features_per_sample(
+    family: Family, model, image_inputs: dict, images_per_sample: list[int]
+) -> list[list[int]]:
     """Per sample, the host's feature count of each image block (from its own
     ``get_image_features``), which the processor repeats the image token for."""
+    n = len(images_per_sample)
     with torch.no_grad():
         if family == "llava_onevision":
-            out = model.model.get_image_features(**image_inputs)
-            return [[int(f.shape[0])] for f in out.pooler_output]
+            counts = iter(
+                int(f.shape[0])
+                for f in model.model.get_image_features(**image_inputs).pooler_output
+            )
+            return [[next(counts) for _ in range(count)] for count in images_per_sample]
         if family == "internvl":
             per_crop = model.model.get_image_features(image_inputs["pixel_values"]).pooler_output
             crops = [1 + i % 2 for i in range(n)]
@@ -281,8 +297,8 @@ def _features_per_sample(family: Family, model, image_inputs: dict, n: int) -> l
 def _placeholder(family: Family, tokenizer, blocks: list[int]) -> list[int]:
     """The token ids standing for one sample's image, as the family's processor writes them."""
     image = _token_id(tokenizer, family, "image")
-    if family == "llava_onevision":
-        return [image] * blocks[0]
+    if family == "llava_onevision":  # several images: adjacent runs, as "<image><image>"
+        return [image] * sum(blocks)
     start, end = _token_id(tokenizer, family, "start"), _token_id(tokenizer, family, "end")
     if family in ("internvl", "gemma3"):  # <img> context x crops*tokens </img>
         return [start] + [image] * sum(blocks) + [end]
@@ -302,17 +318,29 @@ def make_family_batch(
     seed: int = 0,
     *,
     padding_side: Literal["right", "left"] = "right",
+    images_per_sample: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A collated batch of ``n`` samples, one image each, of different lengths, for ``model``.
+
+    ``images_per_sample`` (LLaVA-OneVision only): several images in a sample (not split into
+    crops by the host, their image tokens adjacent).
 
     Keys: ``input_ids``, ``attention_mask`` (long), ``labels`` [n, T] (-100 off the answer),
     the family's image inputs (``pixel_values`` and ``image_sizes`` + ``batch_num_images``
     (OneVision) or ``pixel_attention_mask`` (SmolVLM)), and Gemma 3's ``token_type_ids``
     (1 on image tokens).
     """
+    if images_per_sample is None:
+        images_per_sample = [1] * n
+    elif family != "llava_onevision" or len(images_per_sample) != n:
+        raise ValueError(
+            f"images_per_sample={images_per_sample!r}: only for llava_onevision, one count per "
+            f"sample ({n})"
+        )
+    images_per_sample = list(images_per_sample)
     generator = torch.Generator().manual_seed(seed)
-    image_inputs = _image_inputs(family, n, IMAGE_SIZES[family], generator)
-    blocks = _features_per_sample(family, model, image_inputs, n)
+    image_inputs = _image_inputs(family, images_per_sample, IMAGE_SIZES[family], generator)
+    blocks = _features_per_sample(family, model, image_inputs, images_per_sample)
     conversations = make_conversations(n, seed)
     samples = [
         _encode_sample(tokenizer, question, answer, _placeholder(family, tokenizer, sample_blocks))

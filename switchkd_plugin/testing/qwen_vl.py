@@ -191,7 +191,9 @@ def build_processor(
     """The family's processor (image processor + tokenizer + chat template). transformers 5
     builds a processor's video processor too, which needs torchvision."""
     processor_class = (
-        transformers.Qwen2_5_VLProcessor if family == "qwen2_5_vl" else transformers.Qwen3VLProcessor
+        transformers.Qwen2_5_VLProcessor
+        if family == "qwen2_5_vl"
+        else transformers.Qwen3VLProcessor
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return processor_class(
