@@ -54,12 +54,18 @@ class Gemma3Adapter(ScatteredImageTokensAdapter):
         return self.model.config.vision_config.hidden_size
 
     @property
+    def _projection_shape(self) -> tuple[int, int]:
+        """[Dv, H]; under ZeRO-3 a partitioned weight keeps its full shape in ``ds_shape``."""
+        weight = self.connector.mm_input_projection_weight
+        return tuple(getattr(weight, "ds_shape", weight.shape))
+
+    @property
     def connector_input_width(self) -> int:
-        return self.connector.mm_input_projection_weight.shape[0]
+        return self._projection_shape[0]
 
     @property
     def connector_output_width(self) -> int:
-        return self.connector.mm_input_projection_weight.shape[1]
+        return self._projection_shape[1]
 
     def switch_fields(self, switch_point: str) -> dict[str, Any]:
         config = self.model.config
