@@ -1,0 +1,270 @@
+"""Qwen2.5-VL and Qwen3-VL: host parity, the visual switch into the teacher's merger (and its
+deepstack mergers), one Switch-KD step through the Trainer, pre-flight checks, padded lm_heads.
+
+Tiny offline models built from configs (switchkd_plugin.testing.qwen_vl); batches as the Qwen
+processor makes them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from test_trainer import _trainer
+from torch import Tensor, nn
+
+from switchkd_plugin.adapters import adapter_for
+from switchkd_plugin.config import SwitchKDArguments
+from switchkd_plugin.engine import SwitchKDEngine
+from switchkd_plugin.losses import dbild_loss
+from switchkd_plugin.testing import IGNORE_INDEX, student_spec, teacher_spec
+from switchkd_plugin.testing import qwen_vl as qwen
+from switchkd_plugin.testing.asserts import assert_close_worst
+
+HOST_CLASSES = {
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+
+
+@pytest.fixture(params=sorted(HOST_CLASSES))
+def family(request: pytest.FixtureRequest) -> str:
+    if not hasattr(transformers, HOST_CLASSES[request.param]):
+        pytest.skip(f"transformers {transformers.__version__} has no {HOST_CLASSES[request.param]}")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return qwen.build_qwen_vl_tokenizer()
+
+
+@pytest.fixture
+def pair(family, tokenizer) -> tuple[nn.Module, nn.Module]:
+    """(student, teacher) of one family line: same ViT config, different LMs; teacher frozen."""
+    student = qwen.build_qwen_vl(family, student_spec(), tokenizer).train()
+    teacher = qwen.build_qwen_vl(family, teacher_spec(), tokenizer).eval()
+    return student, teacher.requires_grad_(False)
+
+
+def _grads(model: nn.Module) -> dict[str, Tensor | None]:
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _supervised(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """logits [B, S, V], labels [B, S] -> rows predicting a supervised token [n, V], targets [n]."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    return logits[:, :-1][mask], labels[:, 1:][mask]
+
+
+def _vit_names(model: nn.Module) -> set[str]:
+    """The ViT's parameters (the merger and deepstack mergers are the connector)."""
+    return {
+        name
+        for name, _ in model.named_parameters()
+        if name.startswith("model.visual.") and "merger" not in name
+    }
+
+
+# Float32 tolerances: the adapter runs the host's own modules in the host's order, so only
+# reductions done in another order differ (a few ulps of values ~1); gradients sum over ~100
+# tokens, hence 1e-4 relative with a floor for exactly-zero entries.
+LOGIT_TOL = dict(rtol=1e-5, atol=1e-5)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------- host parity
+
+
+@pytest.mark.parametrize(
+    ("padding_side", "text_only_rows"),
+    [("right", ()), ("left", ()), ("right", (1,))],
+    ids=["right", "left", "text-only-row"],
+)
+def test_adapter_reproduces_host_logits_loss_and_gradients(
+    pair, tokenizer, padding_side, text_only_rows
+):
+    student, _ = pair
+    batch = qwen.make_qwen_vl_batch(
+        tokenizer, n=3, seed=1, padding_side=padding_side, text_only_rows=text_only_rows
+    )
+    student.zero_grad()
+    host = student(**batch)
+    host.loss.backward()
+    host_grads = _grads(student)
+
+    student.zero_grad()
+    adapter = adapter_for(student)
+    inputs = adapter.pathway_inputs(batch, adapter.project(adapter.vision_features(batch)))
+    logits = adapter.lm_head(adapter.decode(inputs))
+    rows, targets = _supervised(logits, inputs.labels)
+    loss = F.cross_entropy(rows, targets)
+    loss.backward()
+
+    mask = batch["attention_mask"].bool()
+    assert_close_worst(logits[mask], host.logits[mask], **LOGIT_TOL, name="logits")
+    assert_close_worst(loss, host.loss, **LOGIT_TOL, name="loss")
+    for name, grad in _grads(student).items():
+        if host_grads[name] is None:
+            assert grad is None, name
+        else:
+            assert_close_worst(grad, host_grads[name], **GRAD_TOL, name=name)
+
+
+def test_window_order_and_deepstack_reach_the_logits(pair, family, tokenizer):
+    """What the parity test relies on: Qwen2.5-VL's tokens really are window-ordered (dropping
+    the reorder changes the logits); Qwen3-VL's deepstack features really reach the LM."""
+    student, _ = pair
+    adapter = adapter_for(student)
+    batch = qwen.make_qwen_vl_batch(tokenizer, n=2)
+    with torch.no_grad():
+        features = adapter.vision_features(batch)
+        embeds = adapter.project(features)
+        reference = adapter.decode(adapter.pathway_inputs(batch, embeds))
+        if family == "qwen2_5_vl":
+            order = features.window_index
+            assert not torch.equal(order, torch.arange(order.numel()))
+            changed = copy.copy(features)
+            changed.window_index = None
+        else:
+            assert len(features.deepstack) == 1
+            changed = copy.copy(features)
+            changed.deepstack = (torch.zeros_like(features.deepstack[0]),)
+        other = adapter.decode(adapter.pathway_inputs(batch, adapter.project(changed)))
+    assert (other - reference).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------ engine vs the host
+
+
+def _switch_host(student: nn.Module, teacher: nn.Module) -> nn.Module:
+    """The switch pathway as a host model: the teacher with the student's ViT (patch embedding,
+    positions, blocks) and the teacher's own mergers."""
+    switch = copy.deepcopy(teacher).requires_grad_(True)
+    vit = {
+        name[len("model.visual.") :]: value
+        for name, value in student.state_dict().items()
+        if name in _vit_names(student)
+    }
+    switch.model.visual.load_state_dict(vit, strict=False)
+    return switch
+
+
+def test_engine_equals_the_hosts_three_pathways(pair, tokenizer):
+    """loss = CE(z_S) + 0.5 DBiLD(z_S, z_T) + 2 DBiLD(z_W, z_T) with every z from a host
+    forward (z_W: the teacher holding the student's ViT), and the same student gradients."""
+    student, teacher = pair
+    batch = qwen.make_qwen_vl_batch(tokenizer, n=3, seed=2)
+    vocab, tau = len(tokenizer), 2.0
+    switch = _switch_host(student, teacher)
+
+    student.zero_grad()
+    s_rows, targets = _supervised(student(**batch).logits, batch["labels"])
+    w_rows, _ = _supervised(switch(**batch).logits, batch["labels"])
+    with torch.no_grad():
+        t_rows, _ = _supervised(teacher(**batch).logits, batch["labels"])
+    align = dbild_loss(s_rows[:, :vocab], t_rows[:, :vocab], temperature=tau, reduction="sum")
+    vsd = dbild_loss(w_rows[:, :vocab], t_rows[:, :vocab], temperature=tau, reduction="sum")
+    reference = F.cross_entropy(s_rows, targets, reduction="sum") + 0.5 * align + 2.0 * vsd
+    reference.backward()
+    expected = _grads(student)
+    for name in _vit_names(student):  # the switch's gradient lands on the student's ViT
+        extra = dict(switch.named_parameters())[name].grad
+        expected[name] = extra if expected[name] is None else expected[name] + extra
+
+    args = SwitchKDArguments(
+        distill="switchkd", teacher_model_path="unused", w_align=0.5, w_vsd=2.0, temperature=tau
+    )
+    engine = SwitchKDEngine(adapter_for(student), adapter_for(teacher), args, vocab, True)
+    student.zero_grad()
+    terms = engine(batch)
+    terms.loss.backward()
+    assert terms.response_tokens == terms.distilled_tokens == targets.numel()
+    assert_close_worst(terms.align, align.detach(), **LOGIT_TOL, name="align")
+    assert_close_worst(terms.vsd, vsd.detach(), **LOGIT_TOL, name="vsd")
+    assert_close_worst(terms.loss, reference, **LOGIT_TOL, name="loss")
+    for name, grad in _grads(student).items():
+        if expected[name] is None:
+            assert grad is None or grad.abs().max() == 0, name
+        else:
+            assert_close_worst(grad, expected[name], **GRAD_TOL, name=name)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_vsd_step_moves_only_the_student_vit_and_never_the_teacher(pair, tokenizer, tmp_path):
+    """One SwitchKDTrainer step with VSD alone (--w_ce 0 --w_align 0)."""
+    student, teacher = pair
+    before_student = copy.deepcopy(student.state_dict())
+    before_teacher = copy.deepcopy(teacher.state_dict())
+    batch = qwen.make_qwen_vl_batch(tokenizer, n=2, seed=3)
+    trainer = _trainer(
+        student, tokenizer, [batch], tmp_path, teacher=teacher, w_ce=0.0, w_align=0.0
+    )
+    trainer.train()
+    assert trainer.state.log_history[0]["vsd"] > 0
+    vit = _vit_names(student)
+    moved = {n for n, p in student.state_dict().items() if not torch.equal(p, before_student[n])}
+    assert moved and moved <= vit, f"moved outside the ViT: {sorted(moved - vit)}"
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, before_teacher[name]), f"teacher weight {name} changed"
+
+
+# ------------------------------------------------------------------------ pre-flight checks
+
+
+@pytest.mark.parametrize(
+    ("field", "change"),
+    [("depth", {"depth": 3}), ("spatial_merge_size", {"spatial_merge_size": 1})],
+)
+def test_different_vision_encoders_are_refused_naming_the_field(
+    family, tokenizer, tmp_path, field, change
+):
+    student = qwen.build_qwen_vl(family, student_spec(), tokenizer)
+    vision = qwen.QwenVisionSpec(**change)
+    teacher = qwen.build_qwen_vl(family, teacher_spec(), tokenizer, vision)
+    with pytest.raises(ValueError, match=rf"vision_config\.{field}.*--w_vsd 0"):
+        _trainer(student, tokenizer, [], tmp_path, teacher=teacher)
+    # without the switch the same pair distils (align only)
+    trainer = _trainer(student, tokenizer, [], tmp_path, teacher=teacher, w_vsd=0.0)
+    assert trainer._engine.run_align and not trainer._engine.run_switch
+
+
+def test_batch_problems_are_named(pair, tokenizer):
+    student, _ = pair
+    adapter = adapter_for(student)
+    batch = qwen.make_qwen_vl_batch(tokenizer, n=2)
+    features = adapter.project(adapter.vision_features(batch))
+    without_types = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
+    with pytest.raises(ValueError, match="no 'mm_token_type_ids'"):
+        adapter.pathway_inputs(without_types, features)
+    patches = int(batch["image_grid_thw"][0].prod())
+    fewer = dict(
+        batch,
+        image_grid_thw=batch["image_grid_thw"][:1],
+        pixel_values=batch["pixel_values"][:patches],
+    )
+    with pytest.raises(ValueError, match=r"32 image tokens .* 16 merged tokens"):
+        adapter.pathway_inputs(batch, adapter.project(adapter.vision_features(fewer)))
+    with pytest.raises(ValueError, match="pixel_values_videos"):
+        adapter.vision_features(dict(batch, pixel_values_videos=batch["pixel_values"]))
+
+
+def test_padded_lm_heads_over_one_tokenizer_distil_the_shared_vocabulary(
+    family, tokenizer, tmp_path, caplog
+):
+    """As Qwen2.5-VL 3B (151,936 rows) and 7B (152,064 rows) over one 151,665-token tokenizer."""
+    student = qwen.build_qwen_vl(family, student_spec(vocab_multiple_of=8), tokenizer)
+    teacher = qwen.build_qwen_vl(family, teacher_spec(vocab_multiple_of=64), tokenizer)
+    rows = [adapter_for(m).lm_head.weight.shape[0] for m in (student, teacher)]
+    assert len(tokenizer) < rows[0] < rows[1]
+    batch = qwen.make_qwen_vl_batch(tokenizer, n=2)
+    with caplog.at_level(logging.WARNING, logger="switchkd_plugin"):
+        trainer = _trainer(student, tokenizer, [batch], tmp_path, teacher=teacher.eval())
+    assert f"shared tokenizer vocabulary of {len(tokenizer)} tokens" in caplog.text
+    assert trainer._engine.vocab == len(tokenizer)
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(e["total"])) for e in trainer.state.log_history[:1])
