@@ -25,11 +25,33 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_trainer import _split, _trainer
 
 
+def _models_and_batch():
+    """Tokenizer, student, teacher and a 4-sample batch: transformers' LLaVA, or the family
+    named by SWITCHKD_DP_FAMILY (``switchkd_plugin.testing.families``; one with per-sample
+    image tensors, so that the batch splits by rows)."""
+    family = os.environ.get("SWITCHKD_DP_FAMILY")
+    if not family:
+        tokenizer = build_tokenizer()
+        student = build_hf_llava(student_spec(), tokenizer)
+        teacher = build_hf_llava(teacher_spec(), tokenizer)
+        return tokenizer, student, teacher, make_host_batch(student, tokenizer, n=4, seed=7)
+    from switchkd_plugin.testing.families import (
+        build_family_model,
+        build_family_tokenizer,
+        make_family_batch,
+    )
+
+    tokenizer = build_family_tokenizer(family)
+    shared_vision = student_spec(vision_layers=teacher_spec().vision_layers)
+    student = build_family_model(family, shared_vision, tokenizer)
+    teacher = build_family_model(family, teacher_spec(), tokenizer)
+    return tokenizer, student, teacher, make_family_batch(family, student, tokenizer, n=4, seed=7)
+
+
 def main(out_dir: str, world_micro_batches: str, deepspeed: str | None = None) -> None:
-    tokenizer = build_tokenizer()
-    student = build_hf_llava(student_spec(), tokenizer).train()
-    teacher = build_hf_llava(teacher_spec(), tokenizer).requires_grad_(False).eval()
-    batch = make_host_batch(student, tokenizer, n=4, seed=7)
+    tokenizer, student, teacher, batch = _models_and_batch()
+    student.train()
+    teacher.requires_grad_(False).eval()
     micro = _split(batch, (1, 3))
     if world_micro_batches == "split-empty":  # one rank's micro-batch has no response token
         micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
