@@ -145,10 +145,19 @@ class LlavaOnevisionAdapter(ScatteredImageTokensAdapter):
         weight = self.input_embeddings.weight
         image_embeds = image_embeds.to(device=weight.device, dtype=weight.dtype)
         per_image = image_embeds.split(self._crops_per_image(batch))
+        newline = self.parts.image_newline
+        # Used outside any module call, so ZeRO-3 never gathers it unless it is persistent.
+        if getattr(newline, "ds_id", None) is not None and not getattr(newline, "ds_persist", 0):
+            raise ValueError(
+                "ZeRO-3 partitioned LLaVA-OneVision's image_newline, which the packing reads "
+                "outside a module call; keep it whole: set zero_optimization."
+                "stage3_param_persistence_threshold to at least the LM hidden size "
+                f"({newline.ds_numel}; the 'auto' value is 10x that)"
+            )
         packed, _ = self.parts.pack_image_features(
             per_image,
             batch["image_sizes"],
-            image_newline=self.parts.image_newline,
+            image_newline=newline,
             vision_aspect_ratio=self.model.config.vision_aspect_ratio,
         )
         return super().pathway_inputs(batch, packed)
