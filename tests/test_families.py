@@ -123,6 +123,42 @@ def test_adapter_reproduces_the_host_forward(family: str, padding_side: str) -> 
     model.zero_grad()
 
 
+def _transplant(model: nn.Module, ours: nn.Module, theirs: nn.Module) -> None:
+    """Replace the submodule ``ours`` of ``model``'s inner model by a copy of ``theirs``."""
+    parts = model.model
+    name = next(name for name, child in parts.named_children() if child is ours)
+    setattr(parts, name, copy.deepcopy(theirs))
+
+
+@pytest.mark.parametrize("switch_point", ["vision", "connector"])
+def test_switch_pathway_is_the_teacher_holding_the_student_modules(
+    family: str, switch_point: str
+) -> None:
+    """The switch pass equals the host forward of a teacher whose vision encoder (and, at the
+    connector switch point, connector) is the student's: so the switch enters exactly where
+    the teacher's connector (or LM) starts, and the teacher's own packing follows."""
+    wide = {"hidden_size": teacher_spec().hidden_size} if switch_point == "connector" else {}
+    student, teacher = _pair(family, **wide)
+    s, t = adapter_for(student), adapter_for(teacher)
+    batch = make_family_batch(family, student, _tokenizer(family), n=3, seed=1)
+    hybrid = copy.deepcopy(teacher)
+    moved = [(adapter_for(hybrid).vision_module, s.vision_module)]
+    if switch_point == "connector":
+        moved.append((adapter_for(hybrid).connector, s.connector))
+    for ours, theirs in moved:
+        _transplant(hybrid, ours, theirs)
+    with torch.no_grad():
+        features = s.vision_features(batch)
+        embeds = t.project(features) if switch_point == "vision" else s.project(features)
+        inputs = t.pathway_inputs(batch, embeds)
+        switch = t.lm_head(t.decode(inputs))
+        host = hybrid(**batch).logits
+    mask = inputs.attention_mask.bool()
+    assert_close_worst(switch[mask], host[mask], rtol=1e-5, atol=1e-5, name="switch logits")
+    teacher_alone = teacher(**batch).logits
+    assert (teacher_alone[mask] - host[mask]).abs().max() > 1e-3  # the student's modules matter
+
+
 def test_llava_onevision_multi_image_sample_reproduces_the_host() -> None:
     """A sample with two images (the host packs them without anyres crops) next to one with a
     single image: same logits as the host."""

@@ -86,12 +86,10 @@ class Gemma3Adapter(ScatteredImageTokensAdapter):
         ).last_hidden_state
 
     def pathway_inputs(self, batch: dict, image_embeds: Tensor) -> MultimodalInputs:
-        runs = self.split_at_image_tokens(batch, image_embeds)
-        inputs = self.build_inputs(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], runs
-        )
-        token_types = self.spliced_image_positions(batch, runs).long()
-        inputs.decoder_kwargs["token_type_ids"] = token_types
+        """The spliced embeddings, with the token types of the spliced sequence (1 on image
+        features) for ``decode``."""
+        inputs = super().pathway_inputs(batch, image_embeds)
+        inputs.decoder_kwargs["token_type_ids"] = self.spliced_image_positions(batch).long()
         return inputs
 
     def decode(self, inputs: MultimodalInputs) -> Tensor:

@@ -117,15 +117,15 @@ class ScatteredImageTokensAdapter(VLMAdapter):
             self.split_at_image_tokens(batch, image_embeds),
         )
 
-    def spliced_image_positions(self, batch: dict, runs: Sequence[Tensor]) -> Tensor:
-        """[B, S] bool: where ``build_inputs`` puts image features for these runs (the same
-        splice, on a one-wide marker instead of the embeddings)."""
+    def spliced_image_positions(self, batch: dict) -> Tensor:
+        """[B, S] bool: where ``pathway_inputs`` puts the image features (the same splice, on a
+        one-wide marker instead of the embeddings)."""
         ids = batch["input_ids"]
 
         def no_text(token_ids: Tensor) -> Tensor:
             return torch.zeros(*token_ids.shape, 1, device=token_ids.device)
 
-        markers = [torch.ones(run.shape[0], 1, device=ids.device) for run in runs]
+        markers = [torch.ones(length, 1, device=ids.device) for length in self.image_runs(batch)]
         spliced = splice_image_features(
             ids,
             batch["attention_mask"],
