@@ -45,9 +45,16 @@ def tokenizer():
 
 @pytest.fixture
 def pair(family, tokenizer) -> tuple[nn.Module, nn.Module]:
-    """(student, teacher) of one family line: same ViT config, different LMs; teacher frozen."""
+    """(student, teacher) of one family line, teacher frozen. Both start from the line's shared
+    ViT weights; the student's ViT has since drifted (seeded noise), as during training, so the
+    switch differs from the teacher."""
     student = qwen.build_qwen_vl(family, student_spec(), tokenizer).train()
     teacher = qwen.build_qwen_vl(family, teacher_spec(), tokenizer).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if name in _vit_names(student):
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
     return student, teacher.requires_grad_(False)
 
 
@@ -139,6 +146,23 @@ def test_window_order_and_deepstack_reach_the_logits(pair, family, tokenizer):
 
 
 # ------------------------------------------------------------------------ engine vs the host
+
+
+def test_a_shared_vit_makes_the_switch_the_teacher(family, tokenizer):
+    """Student and teacher built on the line's shared ViT weights: the switch pathway (student
+    ViT -> teacher merger and deepstack mergers -> teacher LM) is the teacher's own pathway, and
+    the VSD term is 0 at the first step."""
+    student = qwen.build_qwen_vl(family, student_spec(), tokenizer)
+    teacher = qwen.build_qwen_vl(family, teacher_spec(), tokenizer).requires_grad_(False)
+    s, t = adapter_for(student), adapter_for(teacher)
+    batch = qwen.make_qwen_vl_batch(tokenizer, n=2, seed=4)
+    with torch.no_grad():
+        own = t.decode(t.pathway_inputs(batch, t.project(t.vision_features(batch))))
+        switched = t.decode(t.pathway_inputs(batch, t.project(s.vision_features(batch))))
+    assert_close_worst(switched, own, rtol=1e-6, atol=1e-6, name="switch vs teacher states")
+    args = SwitchKDArguments(distill="switchkd", teacher_model_path="unused", w_ce=0.0)
+    terms = SwitchKDEngine(s, t, args, len(tokenizer), True)(batch)
+    assert abs(terms.vsd.item()) < 1e-6 < terms.align.item()
 
 
 def _switch_host(student: nn.Module, teacher: nn.Module) -> nn.Module:

@@ -10,6 +10,7 @@ order differs from raster order.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -158,8 +159,11 @@ def build_qwen_vl(
     with _seeded(spec.seed):
         model = model_class._from_config(config, attn_implementation=spec.attn_implementation)
     own = model.model.visual
+    # the line's ViT, initialised from a config that does not depend on the LM width
+    shared_config = copy.deepcopy(config.vision_config)
+    shared_config.out_hidden_size = vision.hidden_size
     with _seeded(vision.seed):
-        shared = type(own)._from_config(config.vision_config)
+        shared = type(own)._from_config(shared_config)
     # the line's shared ViT: patch embedding, positions, blocks (the mergers are the model's own)
     for name, module in shared.named_children():
         if "merger" not in name:
@@ -188,15 +192,29 @@ def build_processor(
     tokenizer: transformers.PreTrainedTokenizerBase,
     vision: QwenVisionSpec = QwenVisionSpec(),
 ):
-    """The family's processor (image processor + tokenizer + chat template). transformers 5
-    builds a processor's video processor too, which needs torchvision."""
-    processor_class = (
+    """The family's processor for images (image processor + tokenizer + chat template).
+
+    transformers 5 requires a processor's video processor, and every video processor needs
+    torchvision (not installable beside a CPU torch here), so this is the family's processor
+    class with the video processor left out of its signature: images and text are processed
+    by the family's own code.
+    """
+    family_class = (
         transformers.Qwen2_5_VLProcessor
         if family == "qwen2_5_vl"
         else transformers.Qwen3VLProcessor
     )
+
+    class ImageProcessorOnly(family_class):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            # ProcessorMixin reads the sub-processors from this signature: no video processor
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
+
+    ImageProcessorOnly.__name__ = ImageProcessorOnly.__qualname__ = (
+        f"ImageOnly{family_class.__name__}"
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
-    return processor_class(
+    return ImageProcessorOnly(
         image_processor=build_image_processor(vision),
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
