@@ -307,3 +307,24 @@ def test_a_different_vision_encoder_is_refused_with_the_field_and_the_fix(
     assert "family line" in message and "--w_vsd 0" in message
     trainer = _trainer(student, tokenizer, [], tmp_path, teacher=teacher, w_vsd=0.0)
     assert not trainer._engine.run_switch
+
+
+def test_teacher_loads_from_its_directory_with_the_students_class(family: str, tmp_path) -> None:
+    """--teacher_model_path: the saved teacher (and tokenizer) load with the student's class,
+    weights intact, and a step runs."""
+    student = copy.deepcopy(_model(family, "student", **SHARED_VISION)).train()
+    teacher, tokenizer = _model(family, "teacher"), _tokenizer(family)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    batch = make_family_batch(family, student, tokenizer, n=2, seed=6)
+    trainer = _trainer(
+        student, tokenizer, [batch], tmp_path / "run", teacher_model_path=str(tmp_path / "teacher")
+    )
+    loaded = trainer.teacher
+    assert type(loaded) is type(student) and not any(p.requires_grad for p in loaded.parameters())
+    loaded_state, saved_state = loaded.state_dict(), teacher.state_dict()
+    assert loaded_state.keys() == saved_state.keys()
+    for name, value in loaded_state.items():
+        assert torch.equal(value, saved_state[name]), name
+    trainer.train()
+    assert trainer.state.log_history[0]["vsd"] > 0
