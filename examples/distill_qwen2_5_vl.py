@@ -21,9 +21,10 @@ On the real checkpoints (one node of 8 GPUs; the teacher must be a local directo
 
 Any ``SFTConfig`` flag (``python examples/distill_qwen2_5_vl.py --help``) and any Switch-KD flag
 (``--w_ce``, ``--w_align``, ``--w_vsd``, ``--temperature``, ``--switch_point``, ...) applies;
-``--distill none`` trains with TRL's own SFT loss, for a baseline. The datasets are TRL's
-vision formats: ``images`` with ``prompt`` / ``completion`` (loss on the completion) or with
-``messages``.
+``--distill none`` trains with TRL's own SFT loss, for a baseline. The same script distils
+Qwen3-VL (e.g. ``--student_model_path Qwen/Qwen3-VL-2B-Instruct`` with a local 4B teacher).
+The datasets are TRL's vision formats: ``images`` with ``prompt`` / ``completion`` (loss on the
+completion) or with ``messages``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from test_trainer import _trainer
+from test_trainer import _trainer, assert_same_step
+from test_trainer_dp import HAS_DEEPSPEED, _run
 from torch import Tensor, nn
 
 from switchkd_plugin.adapters import (
@@ -328,3 +329,17 @@ def test_teacher_loads_from_its_directory_with_the_students_class(family: str, t
         assert torch.equal(value, saved_state[name]), name
     trainer.train()
     assert trainer.state.log_history[0]["vsd"] > 0
+
+
+def test_gemma3_two_zero3_ranks_take_the_one_rank_step(tmp_path) -> None:
+    """Gemma 3 (the host's own bidirectional-image masks in decode, a teacher sharded by its
+    own DeepSpeed engine): 2 ZeRO-3 ranks with one micro-batch each move the student exactly
+    like 1 plain rank accumulating both."""
+    if not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
+    if reason := family_skip_reason("gemma3"):
+        pytest.skip(reason)
+    reference = _run(tmp_path, 1, None, family="gemma3")
+    zero3 = _run(tmp_path, 2, 3, family="gemma3")
+    start = _model("gemma3", "student", **SHARED_VISION).state_dict()
+    assert_same_step(zero3, reference, start)

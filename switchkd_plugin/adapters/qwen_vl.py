@@ -17,19 +17,20 @@ Batches are what the Qwen processor makes: ``pixel_values`` [N_patches, C*T*p*p]
 ``mm_token_type_ids`` (transformers 5), ``attention_mask``, ``labels``. Positions are the
 host's multimodal rope, from the model's own ``get_rope_index``.
 
-Works with the transformers 5 layout (``model.model.visual``, ``model.model.language_model``,
-the vision model returning its pre-merger ``last_hidden_state``).
+Needs transformers 5 (``model.model.visual``, ``model.model.language_model``, a vision model
+that returns its pre-merger ``last_hidden_state``); tested with 5.24.
 """
 
 from __future__ import annotations
 
 import inspect
 from abc import abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import transformers
+from packaging import version
 from torch import Tensor, nn
 
 from switchkd_plugin.adapters.base import MultimodalInputs, VLMAdapter
@@ -66,7 +67,7 @@ class QwenImageEmbeds:
     """
 
     tokens: Tensor
-    deepstack: tuple[Tensor, ...] = field(default_factory=tuple)
+    deepstack: tuple[Tensor, ...] = ()
 
 
 class _QwenVLAdapter(VLMAdapter):
@@ -77,14 +78,13 @@ class _QwenVLAdapter(VLMAdapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        inner = getattr(model, "model", None)
-        if not hasattr(inner, "visual") or not hasattr(inner, "language_model"):
+        if version.parse(transformers.__version__).major < 5:
             raise TypeError(
-                f"{type(model).__name__}: expected the transformers 5 layout (model.model.visual, "
-                f"model.model.language_model); transformers {transformers.__version__} is "
-                "installed: upgrade transformers (tested with 5.24)"
+                f"Switch-KD's {type(model).__name__} adapter needs transformers 5 (its vision "
+                "model returns the pre-merger states; tested with 5.24), but transformers "
+                f"{transformers.__version__} is installed: pip install -U transformers"
             )
-        self._inner = inner
+        self._inner = model.model
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
