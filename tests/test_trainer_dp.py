@@ -45,7 +45,8 @@ def _run(
     mode: str | None = None,
     family: str = "hf_llava",
 ) -> dict[str, torch.Tensor]:
-    """The student after one step of `_dp_worker.py` (`family`: hf_llava, qwen2_5_vl, qwen3_vl, gemma3)."""
+    """The student after one step of `_dp_worker.py` (`family`: hf_llava, qwen2_5_vl,
+    qwen3_vl, or a `switchkd_plugin.testing.families` family with per-sample images)."""
     out = tmp_path / f"{processes}-ranks-zero{stage}"
     out.mkdir()
     mode = mode or ("split" if processes > 1 else "accumulate")
