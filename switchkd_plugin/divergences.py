@@ -11,17 +11,21 @@ from .config import SwitchKDArguments
 from .losses import KStats, dbild_loss, full_kl_loss
 
 # (student-side logits [n, V], teacher logits [n, V], row mask [n] or None)
-#   -> (sum over the masked rows, k statistics or None)
+#   -> (sum over the masked rows, k statistics or None). A non-finite sum is returned, not
+# raised: the trainer checks every term and decides on all data-parallel ranks alike.
 Divergence = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, KStats | None]]
 
 
 def _dbild_sum(student: Tensor, teacher: Tensor, mask: Tensor | None, **options):
-    out = dbild_loss(student, teacher, mask, reduction="sum", return_stats=True, **options)
+    out = dbild_loss(
+        student, teacher, mask, reduction="sum", return_stats=True, check_finite=False, **options
+    )
     return out.loss, out.stats
 
 
 def _full_kl_sum(student: Tensor, teacher: Tensor, mask: Tensor | None, **options):
-    return full_kl_loss(student, teacher, mask, reduction="sum", **options), None
+    loss = full_kl_loss(student, teacher, mask, reduction="sum", check_finite=False, **options)
+    return loss, None
 
 
 def make_divergence(kind: str, args: SwitchKDArguments) -> Divergence:

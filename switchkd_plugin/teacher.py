@@ -9,11 +9,11 @@ import transformers
 from packaging import version
 from torch import nn
 
-from .checks import check_teacher_path
+from .checks import check_teacher_path, check_teacher_weights
 
 logger = logging.getLogger(__name__)
 
-_DTYPE_KWARG = (
+DTYPE_KWARG = (
     "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
 )
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -42,6 +42,7 @@ def load_teacher(
     its parts from them, which `from_pretrained(attn_implementation=)` does not reach.
     """
     directory = check_teacher_path(path)
+    check_teacher_weights(directory)
     try:
         config = model_class.config_class.from_pretrained(str(directory))
         for part, choice in (
@@ -51,9 +52,7 @@ def load_teacher(
             if part is not None and choice:
                 part._attn_implementation = choice
         logger.info("Switch-KD: loading the teacher %s from %s", model_class.__name__, directory)
-        teacher = model_class.from_pretrained(
-            str(directory), config=config, **{_DTYPE_KWARG: dtype}
-        )
+        teacher = model_class.from_pretrained(str(directory), config=config, **{DTYPE_KWARG: dtype})
     except (OSError, ValueError) as error:
         raise ValueError(
             f"--teacher_model_path {path}: could not load a {model_class.__name__} from it "

@@ -7,6 +7,7 @@ Factory (whose sampler and optimizer parameter groups then still apply).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -23,18 +24,27 @@ from .checks import (
     check_switch_fields,
     check_switch_widths,
     check_teacher_path,
+    check_teacher_tokenizer_files,
     shared_vocab_size,
     vision_is_trainable,
 )
 from .config import SwitchKDArguments
 from .engine import IGNORE_INDEX, StepTerms, SwitchKDEngine
+from .loss_scale import BackwardRouter
+from .nonfinite import (
+    any_non_finite,
+    describe,
+    locate_non_finite,
+    non_finite_parameters,
+    zero_gradient_loss,
+)
+from .resume import numpy_rng_state_loadable, restore_model
 from .teacher import freeze, load_teacher, teacher_dtype
 
 logger = logging.getLogger(__name__)
 
 # transformers >= 4.46 counts the response tokens of a whole gradient-accumulation window and
-# passes them to compute_loss; older releases do not, and divide every micro-batch loss by the
-# number of accumulation steps instead.
+# passes them to compute_loss; older releases do not (the trainer counts them itself then).
 TRAINER_PASSES_NUM_ITEMS = (
     "num_items_in_batch" in inspect.signature(transformers.Trainer.training_step).parameters
 )
@@ -61,6 +71,32 @@ class _WindowCountingLoader:
             for batch in window:
                 batch[WINDOW_ITEMS_KEY] = items
                 yield batch
+
+
+@contextlib.contextmanager
+def _skipping_keeps_window_counts() -> Iterator[None]:
+    """transformers < 4.46 resumes mid-epoch with accelerate's `skip_first_batches(loader, n)`,
+    which rebuilds a plain DataLoader from the attributes of ours and so drops the window
+    counts. While training, skip inside the wrapper instead: `n` is a whole number of optimizer
+    steps, so the windows after the skip are the windows of the uninterrupted run."""
+    module = transformers.trainer
+    original = module.skip_first_batches
+
+    def skip(loader, num_batches=0):
+        if not isinstance(loader, _WindowCountingLoader):
+            return original(loader, num_batches)
+        if num_batches % loader.window:
+            raise RuntimeError(
+                f"resuming skips {num_batches} micro-batches, not a whole number of "
+                f"{loader.window}-batch accumulation windows"
+            )
+        return _WindowCountingLoader(original(loader.loader, num_batches), loader.window)
+
+    module.skip_first_batches = skip
+    try:
+        yield
+    finally:
+        module.skip_first_batches = original
 
 
 class _TermLog:
@@ -138,13 +174,28 @@ class SwitchKDTrainerMixin:
         self._teacher_engine = None  # the DeepSpeed engine sharding the teacher under ZeRO-3
         self._zero3_ready = False
         self._term_log = _TermLog()
+        self._nonfinite_in_a_row = self._nonfinite_skipped = 0
+        self._backward: BackwardRouter | None = None
         if self.switchkd_args.distill == "switchkd":
             self._engine = self._build_engine(teacher_model, teacher_tokenizer)
+            self._backward = BackwardRouter(self.accelerator)
             # Our loss is already normalised over the accumulation window: newer Trainers must
-            # neither divide it by the accumulation steps nor skip counting the window's tokens.
+            # count the window's tokens, and not divide the loss they report (the gradients
+            # never see their division: BackwardRouter).
             self.model_accepts_loss_kwargs = True
             if hasattr(self, "loss_is_scaled_for_ga"):
                 self.loss_is_scaled_for_ga = True
+            if self.switchkd_args.nonfinite == "skip" and _zero3():
+                raise ValueError(
+                    "--nonfinite skip is not supported under DeepSpeed ZeRO-3 (a partitioned "
+                    "parameter cannot be given a zero gradient outside its module's forward); "
+                    "use --nonfinite error, or ZeRO-2"
+                )
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if getattr(self, "_backward", None) is not None:  # a new accelerator during train()
+            self._backward = BackwardRouter(self.accelerator)
 
     # ------------------------------------------------------------------------------ set-up
 
@@ -164,8 +215,10 @@ class SwitchKDTrainerMixin:
         if tokenizer is not None:
             return tokenizer
         path = self.switchkd_args.teacher_model_path
+        directory = check_teacher_path(path)
+        check_teacher_tokenizer_files(directory)
         try:
-            return transformers.AutoTokenizer.from_pretrained(check_teacher_path(path))
+            return transformers.AutoTokenizer.from_pretrained(directory)
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"no tokenizer found for the teacher at {path} ({error}); save the teacher's "
@@ -200,6 +253,8 @@ class SwitchKDTrainerMixin:
                 output_rows(student),
                 output_rows(teacher_adapter),
             )
+        if teacher_adapter is not None:
+            args.check_k_options(vocab)
         run_switch = args.w_vsd > 0 and teacher_adapter is not None
         if run_switch:
             check_switch_widths(student, teacher_adapter, args.switch_point)
@@ -212,6 +267,8 @@ class SwitchKDTrainerMixin:
                     args.w_vsd,
                 )
                 run_switch = False
+        if run_switch and _zero3():
+            _check_deepspeed_backprops_through_eval_modules()
         one_chunk = _zero3() and self.args.world_size > 1
         if one_chunk and args.lm_head_chunk_size:
             logger.warning(
@@ -227,6 +284,29 @@ class SwitchKDTrainerMixin:
         if self._engine is not None and not TRAINER_PASSES_NUM_ITEMS:
             return _WindowCountingLoader(loader, self.args.gradient_accumulation_steps)
         return loader
+
+    # ----------------------------------------------------------------------------- resume
+
+    def train(self, *args, **kwargs):
+        counting = self._engine is not None and not TRAINER_PASSES_NUM_ITEMS
+        with _skipping_keeps_window_counts() if counting else contextlib.nullcontext():
+            return super().train(*args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        """The host's loader warns and goes on when the saved keys do not match the model's
+        (transformers 5.x saves LLaVA in its original key layout): restore every weight through
+        the model's own `from_pretrained` then, or refuse (`switchkd_plugin.resume`). Also with
+        `--distill none`: a resume that silently restarts from the initial weights is never
+        what the run asked for."""
+        # FSDP / SageMaker pass their wrapper: theirs is the host's loader.
+        own_model = model is None or model is self.model
+        if own_model and restore_model(self.model, resume_from_checkpoint):
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_rng_state(self, checkpoint) -> None:
+        with numpy_rng_state_loadable():  # transformers < 4.47 on torch >= 2.6
+            super()._load_rng_state(checkpoint)
 
     # ------------------------------------------------------------------------------- loss
 
@@ -287,19 +367,65 @@ class SwitchKDTrainerMixin:
         if not model.training:  # evaluation: the mean over this batch's response tokens
             loss = terms.loss / max(terms.response_tokens, 1)
             return (loss, {"loss": loss}) if return_outputs else loss
-        # Gradients are averaged over ranks (x world size) and, before 4.46, every micro-batch
-        # loss is divided by the accumulation steps (x steps): what remains is sum / tokens.
-        scale = self.args.world_size
-        if not TRAINER_PASSES_NUM_ITEMS:
-            scale *= self.args.gradient_accumulation_steps
-        loss = terms.loss / self._normaliser(num_items_in_batch, window_items, terms) * scale
+        skipped = self._skip_if_non_finite(model, inputs, terms)
+        if skipped is not None:
+            return (skipped, {"loss": skipped}) if return_outputs else skipped
+        # Gradients are averaged over ranks (x world size): what remains is sum / tokens.
+        loss = terms.loss / self._normaliser(num_items_in_batch, window_items, terms)
+        loss = loss * self.args.world_size
+        self._backward.expect(loss)  # the gradients are those of `loss`, on every release
+        if num_items_in_batch is None:  # such Trainers report loss / accumulation steps
+            loss = loss * self.args.gradient_accumulation_steps
         args = self.switchkd_args
         self._term_log.add(terms, (args.w_ce, args.w_align, args.w_vsd))
         return (loss, {"loss": loss}) if return_outputs else loss
 
+    def _skip_if_non_finite(self, model, batch: dict, terms: StepTerms) -> Tensor | None:
+        """None when every term of this micro-batch is finite on every data-parallel rank.
+
+        Otherwise, on all ranks alike (the flag is all-reduced, so collectives stay in step):
+        `--nonfinite error` raises with a diagnosis; `skip` returns a loss of exactly zero
+        gradient, and raises once `--nonfinite_max_in_a_row` micro-batches in a row failed.
+        """
+        flag = any_non_finite(terms)
+        if self.args.world_size > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if not flag.item():
+            self._nonfinite_in_a_row = 0
+            return None
+        args, student = self.switchkd_args, self.accelerator.unwrap_model(model)
+        self._nonfinite_in_a_row += 1
+        if args.nonfinite == "skip" and self._nonfinite_in_a_row < args.nonfinite_max_in_a_row:
+            self._nonfinite_skipped += 1
+            logger.warning(
+                "Switch-KD: %s; skipping this micro-batch (%d in a row)",
+                describe(terms, [], [], self.state.global_step).rstrip("."),
+                self._nonfinite_in_a_row,
+            )
+            return zero_gradient_loss(student)
+        own = bool(any_non_finite(terms).item())
+        found = locate_non_finite(self._engine, batch)  # on every rank: collectives in step
+        message = describe(
+            terms if own else None, found, non_finite_parameters(student), self.state.global_step
+        )
+        if args.nonfinite == "skip":
+            message += f" Stopped after {self._nonfinite_in_a_row} such micro-batches in a row."
+        else:
+            message += " No weight was updated with it; --nonfinite skip drops such batches."
+        raise FloatingPointError(message)
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if self._backward is not None:  # before any optimizer step: refuse, never train wrong
+            self._backward.check_consumed()
+        return loss
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:  # a training log: add the per-term means since the last one
             logs.update(self._term_log.pop())
+            if self._engine is not None and self.switchkd_args.nonfinite == "skip":
+                logs["nonfinite_skipped"] = self._nonfinite_skipped
+                self._nonfinite_skipped = 0
         super().log(logs, *args, **kwargs)
 
 
@@ -315,6 +441,27 @@ def _zero3() -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return is_deepspeed_zero3_enabled()
+
+
+# ZeRO-3 parameter hooks asserted `module.training` in backward until DeepSpeed 0.15.4; the
+# switch pass backpropagates through the teacher, which is in eval mode.
+ZERO3_EVAL_BACKWARD_DEEPSPEED = "0.15.4"
+
+
+def _check_deepspeed_backprops_through_eval_modules() -> None:
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    installed = version("deepspeed")
+    if Version(installed) < Version(ZERO3_EVAL_BACKWARD_DEEPSPEED):
+        raise ValueError(
+            f"Switch-KD: the visual switch under ZeRO-3 backpropagates through the frozen teacher "
+            f"(eval mode), which DeepSpeed < {ZERO3_EVAL_BACKWARD_DEEPSPEED} refuses ('backward "
+            f"pass is invalid for module in evaluation mode'); deepspeed {installed} is "
+            f"installed: pip install 'deepspeed>={ZERO3_EVAL_BACKWARD_DEEPSPEED}', or use ZeRO-2, "
+            "or --w_vsd 0"
+        )
 
 
 def _register_unhooked_parameters(module: nn.Module | None) -> None:

@@ -12,17 +12,23 @@ import json
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from test_trainer import assert_same_step
+
+from switchkd_plugin.trainer import ZERO3_EVAL_BACKWARD_DEEPSPEED
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_dp_worker.py")
 NO_SHM = Path(__file__).with_name("deepspeed_no_shm")  # skips a 40-60 s JIT build per environment
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+# Older DeepSpeed refuses ZeRO-3 backward through the eval-mode teacher: the trainer says so.
+OLD_ZERO3 = HAS_DEEPSPEED and Version(version("deepspeed")) < Version(ZERO3_EVAL_BACKWARD_DEEPSPEED)
 
 
 def _deepspeed_config(stage: int, tmp_path: Path) -> Path:
@@ -44,9 +50,10 @@ def _run(
     stage: int | None,
     mode: str | None = None,
     family: str = "hf_llava",
-) -> dict[str, torch.Tensor]:
-    """The student after one step of `_dp_worker.py` (`family`: hf_llava, qwen2_5_vl,
-    qwen3_vl, or a `switchkd_plugin.testing.families` family with per-sample images)."""
+) -> dict[str, torch.Tensor] | str:
+    """The student's weights after one step of `_dp_worker.py` (`family`: hf_llava, qwen2_5_vl,
+    qwen3_vl); on DeepSpeed < 0.15.4 under ZeRO-3, the run's output, which must hold the
+    trainer's refusal."""
     out = tmp_path / f"{processes}-ranks-zero{stage}"
     out.mkdir()
     mode = mode or ("split" if processes > 1 else "accumulate")
@@ -58,7 +65,11 @@ def _run(
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={processes}", str(WORKER), str(out), mode, *extra]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = result.stdout[-3000:] + result.stderr[-3000:]
+    if stage == 3 and OLD_ZERO3:
+        assert result.returncode != 0 and f"deepspeed>={ZERO3_EVAL_BACKWARD_DEEPSPEED}" in log, log
+        return log
+    assert result.returncode == 0, log
     model_class = transformers.AutoConfig.from_pretrained(str(out)).architectures[0]
     return getattr(transformers, model_class).from_pretrained(str(out)).state_dict()
 
@@ -76,7 +87,10 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
 def test_layouts_take_the_same_step(tmp_path, reference, processes, stage):
     if stage is not None and not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
-    assert_same_step(_run(tmp_path, processes, stage), reference, _initial_weights())
+    after = _run(tmp_path, processes, stage)
+    if isinstance(after, str):
+        pytest.skip(f"deepspeed {version('deepspeed')}: ZeRO-3 Switch-KD refused, as it must be")
+    assert_same_step(after, reference, _initial_weights())
 
 
 def _initial_weights() -> dict[str, torch.Tensor]:
@@ -91,4 +105,6 @@ def test_zero3_ranks_stay_in_step_when_one_has_no_response_token(tmp_path):
     if not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
     weights = _run(tmp_path, 2, 3, mode="split-empty")
+    if isinstance(weights, str):
+        pytest.skip(f"deepspeed {version('deepspeed')}: ZeRO-3 Switch-KD refused, as it must be")
     assert all(torch.isfinite(value).all() for value in weights.values())

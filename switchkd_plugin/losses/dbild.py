@@ -1,6 +1,6 @@
 """DBiLD: bidirectional logit-difference distillation with a dynamic (Kneedle) top-k.
 
-Switch-KD's distillation divergence (DESIGN §2). One function covers the ablation family:
+Switch-KD's distillation divergence (docs/method.md). One function covers the ablation family:
 BiLD (arXiv 2406.13555) is `k_mode="fixed", fixed_k=8, divergence="fkl"` with both directions.
 """
 
@@ -101,6 +101,7 @@ def dbild_loss(
     reduction: Literal["mean", "sum", "none"] = "mean",
     pair_algorithm: Literal["cumulative", "explicit"] = "cumulative",
     return_stats: bool = False,
+    check_finite: bool = True,
 ) -> Tensor | DBiLDOutput:
     """DBiLD between student and teacher logits over the rows where `mask` is True.
 
@@ -129,6 +130,8 @@ def dbild_loss(
         pair_algorithm: `cumulative` (exact, O(k) per row; the default) or `explicit` (all O(k^2)
             pairs materialised; the reference, never for training).
         return_stats: return a `DBiLDOutput(loss, stats)` with the k chosen per row and branch.
+        check_finite: raise on a non-finite loss (naming the side); False returns it as is (the
+            trainer then decides, identically on every rank, whether to stop or skip the batch).
 
     The loss is computed in float32 whatever the input dtype (float64 stays float64).
     Raises `ValueError` on mismatched shapes, unknown options, and NaN/inf logits (naming the side).
@@ -162,7 +165,8 @@ def dbild_loss(
             first, second = (s, t) if divergence == "rkl" else (t, s)
             per_row = per_row + pair_kl(first, second, valid)
             branch_k[side] = k
-        raise_if_non_finite(per_row, student, teacher)
+        if check_finite:
+            raise_if_non_finite(per_row, student, teacher)
     stats = KStats(branch_k["teacher"], branch_k["student"], k_min)
     loss = reduce_rows(per_row, reduction)
     return DBiLDOutput(loss, stats) if return_stats else loss
