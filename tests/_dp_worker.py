@@ -37,8 +37,15 @@ def _models_and_micro_batches(family: str):
             teacher,
             _split(make_host_batch(student, tokenizer, n=4, seed=7), (1, 3)),
         )
-    from switchkd_plugin.testing import qwen_vl
+    from switchkd_plugin.testing import families, qwen_vl
 
+    if family in families.FAMILIES:  # a family whose image tensors are per sample: gemma3
+        tokenizer = families.build_family_tokenizer(family)
+        shared_vision = student_spec(vision_layers=teacher_spec().vision_layers)
+        student = families.build_family_model(family, shared_vision, tokenizer).train()
+        teacher = families.build_family_model(family, teacher_spec(), tokenizer)
+        batch = families.make_family_batch(family, student, tokenizer, n=4, seed=7)
+        return tokenizer, student, teacher.requires_grad_(False).eval(), _split(batch, (1, 3))
     tokenizer = qwen_vl.build_qwen_vl_tokenizer()
     student = qwen_vl.build_qwen_vl(family, student_spec(), tokenizer).train()
     teacher = qwen_vl.build_qwen_vl(family, teacher_spec(), tokenizer)
@@ -49,7 +56,7 @@ def _models_and_micro_batches(family: str):
 def main(
     out_dir: str, world_micro_batches: str, deepspeed: str = "", teacher_zero3: str = "shard"
 ) -> None:
-    family = os.environ.get("SWITCHKD_TEST_FAMILY", "hf_llava")  # tests/test_family_qwen_vl.py
+    family = os.environ.get("SWITCHKD_TEST_FAMILY", "hf_llava")  # tests/test_famil*.py
     tokenizer, student, teacher, micro = _models_and_micro_batches(family)
     if world_micro_batches == "split-empty":  # one rank's micro-batch has no response token
         micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
