@@ -119,3 +119,17 @@ def check_switch_widths(student: VLMAdapter, teacher: VLMAdapter, switch_point: 
 
 def vision_is_trainable(student: VLMAdapter) -> bool:
     return any(p.requires_grad for p in student.vision_module.parameters())
+
+
+def check_switch_fields(student: VLMAdapter, teacher: VLMAdapter, switch_point: str) -> None:
+    """The switch needs the configs each adapter lists in ``switch_fields`` to be equal (e.g. the
+    same vision encoder: depth, patch size, merge size); the first field that differs is named."""
+    ours, theirs = student.switch_fields(switch_point), teacher.switch_fields(switch_point)
+    for name in [*ours, *(name for name in theirs if name not in ours)]:
+        if ours.get(name) != theirs.get(name):
+            raise ValueError(
+                f"--switch_point {switch_point}: the student's {name} is {ours.get(name)!r} but "
+                f"the teacher's is {theirs.get(name)!r}; the visual switch needs the same vision "
+                "encoder in both: use a teacher of the student's family line (sizes that share "
+                "the vision encoder), or --w_vsd 0 to distil without the switch"
+            )

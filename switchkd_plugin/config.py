@@ -12,6 +12,7 @@ SWITCH_POINTS = ("vision", "connector")
 TEACHER_DTYPES = ("auto", "bfloat16", "float16", "float32")
 NONFINITE_MODES = ("error", "skip")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+TEACHER_ZERO3 = ("shard", "replicate")
 
 
 def _arg(default, help: str, **kwargs):
@@ -76,8 +77,17 @@ class SwitchKDArguments:
     teacher_attn_implementation: str | None = _arg(
         None, "Teacher attention: eager | sdpa | flash_attention_2 (default: as the student)."
     )
-    teacher_gradient_checkpointing: bool = _arg(
-        False, "Recompute the teacher decoder in backward for the switch pass (saves memory)."
+    teacher_gradient_checkpointing: bool | None = _arg(
+        None,
+        "Switch pass: keep one boundary tensor per teacher decoder layer and recompute each "
+        "layer in backward (memory flat in teacher depth). Default: on when the student trains "
+        "with --gradient_checkpointing; True / False forces it.",
+    )
+    teacher_zero3: Literal["shard", "replicate"] = _arg(
+        "shard",
+        "Under ZeRO-3: 'shard' partitions the frozen teacher over the ranks (gathered layer by "
+        "layer); 'replicate' keeps a full frozen copy per rank (no all-gathers), for teachers "
+        "that fit beside the student.",
     )
     nonfinite: Literal["error", "skip"] = _arg(
         "error",
@@ -99,6 +109,7 @@ class SwitchKDArguments:
             ("switch_point", SWITCH_POINTS),
             ("teacher_dtype", TEACHER_DTYPES),
             ("nonfinite", NONFINITE_MODES),
+            ("teacher_zero3", TEACHER_ZERO3),
         ):
             if getattr(self, name) not in valid:
                 raise ValueError(f"--{name} {getattr(self, name)!r}: choose one of {valid}")
@@ -118,7 +129,9 @@ class SwitchKDArguments:
                 f"--nonfinite_max_in_a_row must be >= 1, got {self.nonfinite_max_in_a_row}"
             )
         if self.lm_head_chunk_size < 0:
-            raise ValueError(f"--lm_head_chunk_size must be >= 0, got {self.lm_head_chunk_size}")
+            raise ValueError(
+                f"--lm_head_chunk_size must be >= 0 (0: one chunk), got {self.lm_head_chunk_size}"
+            )
         if self.distill == "switchkd" and self.needs_teacher and not self.teacher_model_path:
             raise ValueError(
                 "--distill switchkd needs --teacher_model_path DIR (a saved teacher checkpoint), "

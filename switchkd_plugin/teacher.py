@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 import transformers
@@ -32,6 +34,7 @@ def load_teacher(
     dtype: torch.dtype,
     attn_implementation: str | None,
     vision_attn_implementation: str | None = None,
+    partitioned: bool = True,
 ) -> nn.Module:
     """`model_class.from_pretrained(path)` (the student's class: the teacher is of its family).
 
@@ -40,6 +43,9 @@ def load_teacher(
     `vision_attn_implementation` (what the student's tower runs: a SigLIP tower has no SDPA on
     older releases). Both are set on the sub-configs before the model is built: TinyLLaVA builds
     its parts from them, which `from_pretrained(attn_implementation=)` does not reach.
+
+    Under ZeRO-3, transformers partitions a model as it loads it; `partitioned=False` loads the
+    full weights instead (`--teacher_zero3 replicate`).
     """
     directory = check_teacher_path(path)
     check_teacher_weights(directory)
@@ -52,13 +58,30 @@ def load_teacher(
             if part is not None and choice:
                 part._attn_implementation = choice
         logger.info("Switch-KD: loading the teacher %s from %s", model_class.__name__, directory)
-        teacher = model_class.from_pretrained(str(directory), config=config, **{DTYPE_KWARG: dtype})
+        with nullcontext() if partitioned else _zero3_init_disabled():
+            teacher = model_class.from_pretrained(
+                str(directory), config=config, **{DTYPE_KWARG: dtype}
+            )
     except (OSError, ValueError) as error:
         raise ValueError(
             f"--teacher_model_path {path}: could not load a {model_class.__name__} from it "
             f"({error}); the teacher must be a saved checkpoint of the student's model family"
         ) from error
     return teacher
+
+
+@contextmanager
+def _zero3_init_disabled() -> Iterator[None]:
+    """transformers reads the ZeRO-3 setting from one module-level reference when it builds a
+    model: clear it for one load, then put it back."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = reference
 
 
 def freeze(teacher: nn.Module, device: torch.device | str | None, dtype: torch.dtype) -> nn.Module:

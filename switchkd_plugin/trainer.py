@@ -12,7 +12,8 @@ import copy
 import inspect
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from itertools import islice
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from .adapters import VLMAdapter, adapter_for
 from .checks import (
+    check_switch_fields,
     check_switch_widths,
     check_teacher_path,
     check_teacher_tokenizer_files,
@@ -29,6 +31,7 @@ from .checks import (
 )
 from .config import SwitchKDArguments
 from .engine import IGNORE_INDEX, StepTerms, SwitchKDEngine
+from .layer_checkpoint import swapped_forward
 from .loss_scale import BackwardRouter
 from .nonfinite import (
     any_non_finite,
@@ -123,13 +126,22 @@ class _TermLog:
                 s["total"] += weight * value
         for name, stats in terms.k_stats.items():
             for side, k in (("teacher", stats.teacher_k), ("student", stats.student_k)):
-                if k is not None and k.numel():
+                if k is not None:  # empty on a rank without rows: the keys match every rank's
                     s[f"{name}_k_{side}_sum"] += k.sum()
                     s[f"{name}_k_{side}_rows"] += k.numel()
                     s[f"{name}_k_{side}_at_min"] += (k == stats.k_min).sum()
 
-    def pop(self) -> dict[str, float]:
-        s = {key: float(value) for key, value in self.sums.items()}
+    def pop(self, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+        """Token means since the last pop; `reduce` sums the raw sums over data-parallel ranks
+        first (one collective; every rank must call it, with the same terms configured)."""
+        keys = sorted(self.sums)
+        if reduce is not None and keys:
+            values = [torch.as_tensor(self.sums[key], dtype=torch.float64) for key in keys]
+            device = next((v.device for v in self.sums.values() if isinstance(v, Tensor)), None)
+            stacked = reduce(torch.stack([v.to(device) for v in values]))
+            s = dict(zip(keys, stacked.tolist(), strict=True))
+        else:
+            s = {key: float(self.sums[key]) for key in keys}
         self.sums = defaultdict(float)
         if not s:
             return {}
@@ -137,7 +149,7 @@ class _TermLog:
         logs = {"ce": s["ce"] / tokens, "total": s["total"] / tokens}
         logs.update({name: s[name] / distilled for name in ("align", "vsd") if name in s})
         logs["distilled_tokens"] = s["distilled_tokens"]
-        for key in [k for k in s if k.endswith("_rows")]:
+        for key in [k for k in s if k.endswith("_rows") and s[k]]:  # no row: no k to report
             prefix, rows = key[: -len("_rows")], s[key]
             logs[f"{prefix}_mean"] = s[f"{prefix}_sum"] / rows
             logs[f"{prefix}_at_min"] = s[f"{prefix}_at_min"] / rows
@@ -173,9 +185,11 @@ class SwitchKDTrainerMixin:
         self._teacher_engine = None  # the DeepSpeed engine sharding the teacher under ZeRO-3
         self._zero3_ready = False
         self._term_log = _TermLog()
-        self._nonfinite_in_a_row = self._nonfinite_skipped = 0
+        self._eval_log = _TermLog()
         self._backward: BackwardRouter | None = None
+        self._nonfinite_in_a_row = self._nonfinite_skipped = 0
         if self.switchkd_args.distill == "switchkd":
+            self._check_layout()
             self._engine = self._build_engine(teacher_model, teacher_tokenizer)
             self._backward = BackwardRouter(self.accelerator)
             # Our loss is already normalised over the accumulation window: newer Trainers must
@@ -197,6 +211,20 @@ class SwitchKDTrainerMixin:
             self._backward = BackwardRouter(self.accelerator)
 
     # ------------------------------------------------------------------------------ set-up
+
+    def _check_layout(self) -> None:
+        if self.args.n_gpu > 1 and self.args.world_size == 1:
+            raise ValueError(
+                f"Switch-KD does not run under nn.DataParallel ({self.args.n_gpu} GPUs in one "
+                "process): launch one process per GPU with `torchrun --nproc_per_node N` or the "
+                "`deepspeed` launcher (or set CUDA_VISIBLE_DEVICES to one GPU)"
+            )
+        if self.switchkd_args.teacher_zero3 == "replicate" and not _zero3():
+            raise ValueError(
+                "--teacher_zero3 replicate applies under DeepSpeed ZeRO-3 only (the teacher is "
+                "already a full replica on each rank otherwise): drop the flag, or pass a ZeRO-3 "
+                "config with --deepspeed"
+            )
 
     def _student_tokenizer(self):
         tokenizer = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
@@ -241,10 +269,12 @@ class SwitchKDTrainerMixin:
                     dtype,
                     attn,
                     vision_attn_implementation=_attn_of(student.vision_module),
+                    partitioned=self._teacher_sharded,
                 )
             # Under ZeRO-3 the teacher is sharded by a DeepSpeed engine on first use (the config
             # is only complete once training starts); elsewhere it is a frozen replica.
-            self.teacher = freeze(teacher, None if _zero3() else self.args.device, dtype)
+            device = None if self._teacher_sharded else self.args.device
+            self.teacher = freeze(teacher, device, dtype)
             teacher_adapter = adapter_for(self.teacher)
             vocab = shared_vocab_size(
                 self._student_tokenizer(),
@@ -257,6 +287,7 @@ class SwitchKDTrainerMixin:
         run_switch = args.w_vsd > 0 and teacher_adapter is not None
         if run_switch:
             check_switch_widths(student, teacher_adapter, args.switch_point)
+            check_switch_fields(student, teacher_adapter, args.switch_point)
             if not vision_is_trainable(student):
                 logger.warning(
                     "Switch-KD: --w_vsd %s but the student's vision encoder has no trainable "
@@ -267,15 +298,32 @@ class SwitchKDTrainerMixin:
                 run_switch = False
         if run_switch and _zero3():
             _check_deepspeed_backprops_through_eval_modules()
-        one_chunk = _zero3() and self.args.world_size > 1
-        if one_chunk and args.lm_head_chunk_size:
+        checkpointing = args.teacher_gradient_checkpointing
+        if checkpointing is None:  # follow the student
+            checkpointing = bool(self.args.gradient_checkpointing)
+        agree = self._agree_chunks if self.args.world_size > 1 else None
+        engine_args = replace(args, teacher_gradient_checkpointing=checkpointing)
+        if self._teacher_sharded and self.args.world_size > 1 and args.lm_head_chunk_size:
+            # A chunk recomputed in backward calls the sharded teacher's lm_head outside its
+            # engine's forward, where DeepSpeed (0.19) does not gather it again.
             logger.warning(
-                "Switch-KD: ZeRO-3 on %d ranks: the lm_heads run on all response rows at once, "
-                "so that every rank makes the same parameter-gathering calls "
-                "(--lm_head_chunk_size is not used)",
+                "Switch-KD: ZeRO-3 with a sharded teacher on %d ranks: the lm_heads run on all "
+                "response rows at once (--lm_head_chunk_size is not used); --teacher_zero3 "
+                "replicate keeps the chunks",
                 self.args.world_size,
             )
-        return SwitchKDEngine(student, teacher_adapter, args, vocab, run_switch, one_chunk)
+            engine_args = replace(engine_args, lm_head_chunk_size=0)
+        return SwitchKDEngine(student, teacher_adapter, engine_args, vocab, run_switch, agree)
+
+    @property
+    def _teacher_sharded(self) -> bool:
+        return _zero3() and self.switchkd_args.teacher_zero3 == "shard"
+
+    def _agree_chunks(self, chunks: int) -> int:
+        """The largest lm_head chunk count over the ranks: all make the same calls."""
+        count = torch.tensor([chunks], device=self.args.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        return int(count.item())
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
@@ -326,18 +374,19 @@ class SwitchKDTrainerMixin:
         gradient bookkeeping see the student computation."""
         inner = self.accelerator.unwrap_model(model)
         if _zero3() and not self._zero3_ready:
-            if self.teacher is not None:
+            if self.teacher is not None and self._teacher_sharded:
                 self._shard_teacher()
             for module in (inner, self.teacher):
                 _register_unhooked_parameters(module)
             self._zero3_ready = True
-        if inner is model:
-            return self._engine(batch)
-        inner.forward = lambda b: (lambda t: (t.loss, t))(self._engine(b))
-        try:
-            return model(batch)[1]
-        finally:
-            del inner.forward
+        # The autocast the host applies to the model's forward (bf16 / fp16 without DeepSpeed;
+        # DeepSpeed casts the weights instead and this is a no-op): the engine calls the
+        # model's parts, not its forward, and replaces the forward below.
+        with self.accelerator.autocast():
+            if inner is model:
+                return self._engine(batch)
+            with swapped_forward(inner, lambda b: (lambda t: (t.loss, t))(self._engine(b))):
+                return model(batch)[1]
 
     def _normaliser(self, num_items_in_batch, window_items, terms: StepTerms) -> Tensor:
         """The number of response tokens the loss is averaged over: the whole accumulation
@@ -362,11 +411,14 @@ class SwitchKDTrainerMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **extra)
         window_items = inputs.pop(WINDOW_ITEMS_KEY, None)
         terms = self._run_engine(model, inputs)
+        args = self.switchkd_args
+        weights = (args.w_ce, args.w_align, args.w_vsd)
         if not model.training:  # evaluation: the mean over this batch's response tokens
+            self._eval_log.add(terms, weights)
             loss = terms.loss / max(terms.response_tokens, 1)
             return (loss, {"loss": loss}) if return_outputs else loss
         skipped = self._skip_if_non_finite(model, inputs, terms)
-        if skipped is not None:
+        if skipped is not None:  # a zero-gradient loss: no scaling to get right
             return (skipped, {"loss": skipped}) if return_outputs else skipped
         # Gradients are averaged over ranks (x world size): what remains is sum / tokens.
         loss = terms.loss / self._normaliser(num_items_in_batch, window_items, terms)
@@ -374,9 +426,14 @@ class SwitchKDTrainerMixin:
         self._backward.expect(loss)  # the gradients are those of `loss`, on every release
         if num_items_in_batch is None:  # such Trainers report loss / accumulation steps
             loss = loss * self.args.gradient_accumulation_steps
-        args = self.switchkd_args
-        self._term_log.add(terms, (args.w_ce, args.w_align, args.w_vsd))
+        self._term_log.add(terms, weights)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if self._backward is not None:  # before any optimizer step: refuse, never train wrong
+            self._backward.check_consumed()
+        return loss
 
     def _skip_if_non_finite(self, model, batch: dict, terms: StepTerms) -> Tensor | None:
         """None when every term of this micro-batch is finite on every data-parallel rank.
@@ -412,19 +469,37 @@ class SwitchKDTrainerMixin:
             message += " No weight was updated with it; --nonfinite skip drops such batches."
         raise FloatingPointError(message)
 
-    def training_step(self, *args, **kwargs):
-        loss = super().training_step(*args, **kwargs)
-        if self._backward is not None:  # before any optimizer step: refuse, never train wrong
-            self._backward.check_consumed()
-        return loss
+    def _sum_over_ranks(self, values: Tensor) -> Tensor:
+        if self.args.world_size == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.args.device), reduction="sum")
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs:  # a training log: add the per-term means since the last one
-            logs.update(self._term_log.pop())
+        if "loss" in logs and self._engine is not None:  # a training log: the per-term means
+            logs.update(self._term_log.pop(self._sum_over_ranks))  # every rank logs: collective
             if self._engine is not None and self.switchkd_args.nonfinite == "skip":
                 logs["nonfinite_skipped"] = self._nonfinite_skipped
                 self._nonfinite_skipped = 0
         super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(
+        self,
+        dataloader,
+        description,
+        prediction_loss_only=None,
+        ignore_keys=None,
+        metric_key_prefix="eval",
+    ):
+        """The host's loop, plus `eval_ce` / `eval_align` / `eval_vsd` (and the k statistics):
+        token-weighted means over the whole evaluation set, summed over ranks."""
+        self._eval_log = _TermLog()
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        if self._engine is not None:
+            means = self._eval_log.pop(self._sum_over_ranks)
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in means.items()})
+        return output
 
 
 def _attn_of(module: nn.Module) -> str | None:

@@ -204,7 +204,8 @@ def test_gradient_accumulation_averages_over_the_whole_window(
         [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         for trainer in (accumulated, whole)
     ]
-    torch.testing.assert_close(logged[0], logged[1], rtol=1e-5, atol=1e-4)  # 4.x rounds to 1e-4
+    # 4.x logs losses rounded to 4 decimals: one rounding each side.
+    assert_close(torch.tensor(logged[0]), torch.tensor(logged[1]), terms=8, extra=1e-4, name="loss")
 
 
 class _BackwardWithoutAccelerate(transformers.Trainer):
@@ -447,9 +448,40 @@ def test_bf16_training_keeps_the_losses_in_float32(hf_student, hf_teacher, tiny_
     with torch.autocast("cpu", dtype=torch.bfloat16):
         terms = trainer._engine(batches[0])
     assert terms.align.dtype == terms.vsd.dtype == terms.ce.dtype == torch.float32
+    # The student runs under the Trainer's autocast, as with --distill none: bf16 Linear outputs.
+    seen = []
+    hook = adapter_for(student).lm_head.register_forward_hook(
+        lambda module, args, output: seen.append(output.dtype)
+    )
     trainer.train()
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    # The host's forward again (or accelerate's autocast wrapper of it), not the engine's lambda.
+    assert student.forward.__name__ != "<lambda>"
     logs = [entry for entry in trainer.state.log_history if "ce" in entry]
     assert logs and all(torch.isfinite(torch.tensor(e["total"])) for e in logs)
+
+
+def test_data_parallel_and_replicate_without_zero3_are_refused(
+    hf_student, hf_teacher, tiny_tokenizer, tmp_path
+):
+    batches = [make_host_batch(hf_student, tiny_tokenizer)]
+    with pytest.raises(
+        ValueError, match="--teacher_zero3 replicate applies under DeepSpeed ZeRO-3"
+    ):
+        _trainer(copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path,
+                 teacher=copy.deepcopy(hf_teacher), teacher_zero3="replicate")  # fmt: skip
+    args = _training_args(tmp_path)
+    args._n_gpu = 2  # what TrainingArguments finds with 2 visible GPUs and no launcher
+    with pytest.raises(ValueError, match=r"nn.DataParallel.*torchrun --nproc_per_node N"):
+        SwitchKDTrainer(
+            model=copy.deepcopy(hf_student),
+            args=args,
+            switchkd_args=SwitchKDArguments(distill="switchkd", teacher_model_path="given"),
+            teacher_model=copy.deepcopy(hf_teacher),
+            teacher_tokenizer=tiny_tokenizer,
+            **{TOKENIZER_KWARG: tiny_tokenizer},
+        )
 
 
 def test_evaluation_reports_the_mean_over_response_tokens(models, tiny_tokenizer, tmp_path):
@@ -467,3 +499,20 @@ def test_evaluation_reports_the_mean_over_response_tokens(models, tiny_tokenizer
         terms=int((batch["labels"] != IGNORE_INDEX).sum()),
         name="eval_loss",
     )
+
+
+def test_evaluation_reports_token_weighted_term_means(hf_student, hf_teacher, tiny_tokenizer,
+                                                      tmp_path):  # fmt: skip
+    student = copy.deepcopy(hf_student).eval()
+    batches = [make_host_batch(student, tiny_tokenizer, n=n, seed=n) for n in (1, 3)]
+    trainer = _trainer(student, tiny_tokenizer, batches, tmp_path, teacher=hf_teacher,
+                       training={"per_device_eval_batch_size": 1})  # fmt: skip
+    trainer.eval_dataset = _Batches(batches)
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        terms = [trainer._engine(batch) for batch in batches]
+    tokens = sum(t.response_tokens for t in terms)
+    for name in ("ce", "align", "vsd"):
+        expected = sum(getattr(t, name).item() for t in terms) / tokens
+        assert metrics[f"eval_{name}"] == pytest.approx(expected, rel=1e-5), name
+    assert metrics["eval_distilled_tokens"] == tokens

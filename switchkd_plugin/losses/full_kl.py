@@ -7,7 +7,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rows import check_choice, raise_if_non_finite, reduce_rows, select_rows
+from .rows import check_choice, raise_if_non_finite, reduce_rows, select_rows, upcast_pair
 
 KL_DIRECTIONS = ("forward", "reverse")
 
@@ -37,7 +37,7 @@ def full_kl_loss(
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    student, teacher = select_rows(student_logits, teacher_logits, mask)
+    student, teacher = upcast_pair(*select_rows(student_logits, teacher_logits, mask))
     log_s = F.log_softmax(student / temperature, dim=-1)
     log_t = F.log_softmax(teacher / temperature, dim=-1)
     first, second = (log_t, log_s) if direction == "forward" else (log_s, log_t)
