@@ -24,11 +24,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .adapters import VLMAdapter
 from .config import SwitchKDArguments
+from .constants import IGNORE_INDEX
 from .divergences import DBiLDTerm, FullKLTerm, make_divergence
 from .layer_checkpoint import checkpoint_each_layer
 from .losses import KStats
-
-IGNORE_INDEX = -100
 
 
 @dataclass
