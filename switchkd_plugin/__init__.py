@@ -5,7 +5,14 @@ The reference implementation for TinyLLaVA Factory and Hugging Face transformers
 
 from .config import SwitchKDArguments
 from .trainer import SwitchKDTrainer, SwitchKDTrainerMixin, switchkd_trainer_class
+from .training_config import SwitchKDConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["SwitchKDArguments", "SwitchKDTrainer", "SwitchKDTrainerMixin", "switchkd_trainer_class"]
+__all__ = [
+    "SwitchKDArguments",
+    "SwitchKDConfig",
+    "SwitchKDTrainer",
+    "SwitchKDTrainerMixin",
+    "switchkd_trainer_class",
+]

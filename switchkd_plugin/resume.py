@@ -7,6 +7,9 @@ their original key layout (`language_model.model.*`) while the live model uses t
 weights. Here the saved keys are compared with the model's first; when they differ the
 checkpoint is read through the model class's own `from_pretrained` (which knows the layout
 conversions of its release), and anything still unmatched is an error.
+
+A checkpoint written with `SwitchKDConfig` also records the Switch-KD settings it was trained
+with; resuming under settings that change the objective is refused (`check_resume_settings`).
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .config import SwitchKDArguments
 from .teacher import DTYPE_KWARG
 
 logger = logging.getLogger(__name__)
@@ -28,6 +33,18 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 TORCH_WEIGHTS_INDEX = "pytorch_model.bin.index.json"
+TRAINING_ARGS = "training_args.bin"  # the Trainer's pickled arguments, in every checkpoint
+
+# Settings a resumed run may change: none of them changes the loss being minimised.
+SAFE_TO_CHANGE = {
+    "teacher_model_path": "where the teacher is read from (the teacher may have moved)",
+    "lm_head_chunk_size": "memory and speed only: the same losses, over other row chunks",
+    "teacher_gradient_checkpointing": "memory and speed only: the switch pass is recomputed",
+    "teacher_zero3": "how the frozen teacher is laid out over the ranks",
+    "teacher_attn_implementation": "the attention kernel: the same function up to rounding",
+    "nonfinite": "what happens on a NaN/inf loss, not the loss",
+    "nonfinite_max_in_a_row": "what happens on a NaN/inf loss, not the loss",
+}
 
 
 def saved_weight_keys(directory: str | Path) -> set[str] | None:
@@ -135,3 +152,57 @@ def numpy_rng_state_loadable():
     allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     with torch.serialization.safe_globals(allowed):
         yield
+
+
+def saved_switchkd_settings(directory: str | Path) -> SwitchKDArguments | None:
+    """The Switch-KD settings a checkpoint was trained with: its `training_args.bin` when that
+    is a `SwitchKDConfig` (None: not recorded, e.g. plain `TrainingArguments` + `switchkd_args=`).
+
+    The file is a pickle, like the Trainer's other checkpoint files; it is read only from the
+    checkpoint this run was told to resume from.
+    """
+    path = Path(directory) / TRAINING_ARGS
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    return saved if isinstance(saved, SwitchKDArguments) else None
+
+
+def check_resume_settings(directory: str | Path, current: SwitchKDArguments) -> None:
+    """Refuse to resume `directory` under Switch-KD settings that change the objective.
+
+    Differences in `SAFE_TO_CHANGE` are logged with the reason they are safe; any other one
+    raises, naming each field's saved and current value and the two ways out.
+    """
+    saved = saved_switchkd_settings(directory)
+    if saved is None:
+        logger.info(
+            "Switch-KD: %s records no Switch-KD settings (trained without SwitchKDConfig): "
+            "resuming without comparing them",
+            directory,
+        )
+        return
+    changed = {
+        f.name: (getattr(saved, f.name), getattr(current, f.name))
+        for f in fields(SwitchKDArguments)
+        if getattr(saved, f.name) != getattr(current, f.name)
+    }
+    refused = {name: values for name, values in changed.items() if name not in SAFE_TO_CHANGE}
+    if refused:
+        detail = "; ".join(f"--{k} was {old!r}, now {new!r}" for k, (old, new) in refused.items())
+        restore = " ".join(f"--{k} {old}" for k, (old, _) in refused.items())
+        raise ValueError(
+            f"resume_from_checkpoint {directory}: its Switch-KD settings differ from this run's "
+            f"({detail}), which changes the loss the checkpoint was trained on. Resume with the "
+            f"saved settings ({restore}), or start a new run (a new --output_dir, without "
+            "--resume_from_checkpoint, --model_name_or_path the checkpoint for its weights)"
+        )
+    for name, (old, new) in changed.items():
+        logger.warning(
+            "Switch-KD: resuming %s with --%s %r (saved: %r), safe to change: %s",
+            directory,
+            name,
+            new,
+            old,
+            SAFE_TO_CHANGE[name],
+        )

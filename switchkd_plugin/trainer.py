@@ -13,12 +13,13 @@ import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 from itertools import islice
 
 import torch
 import transformers
 from torch import Tensor, nn
+from transformers.trainer_utils import get_last_checkpoint
 
 from .adapters import VLMAdapter, adapter_for
 from .checks import (
@@ -40,7 +41,7 @@ from .nonfinite import (
     non_finite_parameters,
     zero_gradient_loss,
 )
-from .resume import numpy_rng_state_loadable, restore_model
+from .resume import check_resume_settings, numpy_rng_state_loadable, restore_model
 from .teacher import freeze, load_teacher, teacher_dtype
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,8 @@ class SwitchKDTrainerMixin:
 
     Extra keyword arguments:
         switchkd_args: the `SwitchKDArguments` (`distill="none"` leaves the host trainer as is).
+            Not with `args=SwitchKDConfig(...)`, which carries them itself (an error: one
+            source of settings).
         teacher_model: an already loaded teacher; by default it is loaded from
             `switchkd_args.teacher_model_path` with the student's class.
         teacher_tokenizer: the teacher's tokenizer; by default the teacher's own `.tokenizer`
@@ -179,7 +182,7 @@ class SwitchKDTrainerMixin:
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.switchkd_args = switchkd_args or SwitchKDArguments()
+        self.switchkd_args = _settings(self.args, switchkd_args)
         self.teacher: nn.Module | None = None
         self._engine: SwitchKDEngine | None = None
         self._teacher_engine = None  # the DeepSpeed engine sharding the teacher under ZeRO-3
@@ -334,6 +337,12 @@ class SwitchKDTrainerMixin:
     # ----------------------------------------------------------------------------- resume
 
     def train(self, *args, **kwargs):
+        # Here rather than in `_load_from_checkpoint`, which DeepSpeed / FSDP runs bypass.
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if resume is True:
+            resume = get_last_checkpoint(self.args.output_dir)  # None: the host says so
+        if resume:
+            check_resume_settings(resume, self.switchkd_args)
         counting = self._engine is not None and not TRAINER_PASSES_NUM_ITEMS
         with _skipping_keeps_window_counts() if counting else contextlib.nullcontext():
             return super().train(*args, **kwargs)
@@ -500,6 +509,27 @@ class SwitchKDTrainerMixin:
             means = self._eval_log.pop(self._sum_over_ranks)
             output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in means.items()})
         return output
+
+
+SWITCHKD_FIELDS = {f.name for f in fields(SwitchKDArguments)}
+
+
+def _settings(
+    args: transformers.TrainingArguments, switchkd_args: SwitchKDArguments | None
+) -> SwitchKDArguments:
+    """The run's Switch-KD settings: those of a `SwitchKDConfig` `args`, else `switchkd_args`.
+
+    A config's are copied into plain `SwitchKDArguments`: the engine `replace`s its settings,
+    and replacing a `TrainingArguments` reruns its device set-up (resetting accelerate's state).
+    """
+    if isinstance(args, SwitchKDArguments):
+        if switchkd_args is not None:
+            raise ValueError(
+                "args is a SwitchKDConfig, which carries the Switch-KD settings: drop "
+                "switchkd_args= (or pass plain TrainingArguments with switchkd_args=)"
+            )
+        return SwitchKDArguments(**{name: getattr(args, name) for name in SWITCHKD_FIELDS})
+    return switchkd_args or SwitchKDArguments()
 
 
 def _attn_of(module: nn.Module) -> str | None:
