@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -63,10 +64,11 @@ def checkpointed(hf_student, hf_teacher, tiny_tokenizer, tmp_path):
     first.train()
     checkpoint = tmp_path / "a" / f"checkpoint-{SAVE_AT}"
 
-    def resume(*flags: str) -> SwitchKDTrainer:
-        config = _parse(tmp_path / "b", "--max_steps", str(SAVE_AT + 1), *flags)
+    def resume(*flags: str, last_in_output_dir: bool = False) -> SwitchKDTrainer:
+        out = tmp_path / ("a" if last_in_output_dir else "b")
+        config = _parse(out, "--max_steps", str(SAVE_AT + 1), *flags)
         trainer = _trainer(hf_student, hf_teacher, tiny_tokenizer, batches, config)
-        trainer.train(resume_from_checkpoint=str(checkpoint))
+        trainer.train(resume_from_checkpoint=True if last_in_output_dir else str(checkpoint))
         return trainer
 
     return checkpoint, resume
@@ -111,6 +113,12 @@ def test_resuming_under_a_changed_objective_is_refused(checkpointed, flag, value
     assert f"--{flag} was {float(saved)!r}, now {float(value)!r}" in message
     assert f"Resume with the saved settings (--{flag} {float(saved)})" in message
     assert "start a new run" in message
+
+
+def test_resuming_the_last_checkpoint_of_output_dir_is_checked_too(checkpointed):
+    _, resume = checkpointed
+    with pytest.raises(ValueError, match=re.escape("--w_vsd was 0.5, now 1.0")):
+        resume("--w_vsd", "1.0", last_in_output_dir=True)
 
 
 def test_a_safe_change_resumes_and_says_why(checkpointed, caplog):
