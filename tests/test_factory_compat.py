@@ -2,7 +2,7 @@
 
 The Factory tests skip, with the reason, where it is not importable (see ``conftest.py``). Run this
 file under each transformers release of interest: each fix must be applied exactly from the
-release that broke the Factory (DESIGN §5) and be a no-op before it.
+release that broke the Factory and be a no-op before it.
 """
 
 from __future__ import annotations
