@@ -145,6 +145,22 @@ def test_lora_recipe_saves_a_student_the_factory_loader_merges(
     else:
         assert llm_moved and not vision_moved
     _generate_from_an_image(out, workspace)
+    _check_loads_as_a_merged_teacher(out)
+
+
+def _check_loads_as_a_merged_teacher(checkpoint: Path) -> None:
+    """The LoRA checkpoint as --teacher_model_path: merged, it equals what the Factory's loader
+    returns (which merges in float16), tensor for tensor."""
+    from tinyllava.model import TinyLlavaForConditionalGeneration
+    from tinyllava.model.load_model import load_pretrained_model
+
+    from switchkd_plugin.teacher import load_teacher
+
+    ours = load_teacher(str(checkpoint), TinyLlavaForConditionalGeneration, torch.float16, "eager")
+    factory = load_pretrained_model(str(checkpoint), device="cpu")[0].state_dict()
+    assert ours.state_dict().keys() == factory.keys()
+    for name, value in ours.state_dict().items():
+        torch.testing.assert_close(value, factory[name], rtol=0, atol=0, msg=name)
 
 
 def _check_lora_checkpoint(out: Path) -> dict[str, torch.Tensor]:
@@ -154,8 +170,11 @@ def _check_lora_checkpoint(out: Path) -> dict[str, torch.Tensor]:
     from tinyllava.model.load_model import load_base_ckp_for_lora, load_pretrained_model
 
     model = load_pretrained_model(str(out), device="cpu")[0]
-    components = {"language_model": model.language_model,
-                  "vision_tower": model.vision_tower._vision_tower, "connector": model.connector}  # fmt: skip
+    components = {
+        "language_model": model.language_model,
+        "vision_tower": model.vision_tower._vision_tower,
+        "connector": model.connector,
+    }
     for name, module in components.items():
         expected = {key: value.shape for key, value in module.state_dict().items()}
         saved = load_base_ckp_for_lora(out / name / "pytorch_model.bin")
