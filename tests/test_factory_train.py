@@ -236,3 +236,15 @@ def test_factory_eval_modules_run_through_the_fixing_runner(factory):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--model-path" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs QLoRA (gpu_check.py)")
+def test_qlora_recipe_stops_before_loading_without_a_gpu(factory, workspace, tmp_path):
+    """bitsandbytes quantization needs a CUDA GPU: the run stops first, saying what to use."""
+    args = ["--training_recipe", "qlora_int8", "--tune_type_llm", "qlora"]
+    with pytest.raises(AssertionError) as failed:
+        _train(factory, workspace, tmp_path / "student-qlora-finetune", 1, *args)
+    log = str(failed.value)
+    assert "--training_recipe qlora_int8 quantizes the language model" in log
+    assert "a CUDA GPU" in log and "--training_recipe lora" in log
+    assert "loading language model" not in log  # stopped before the Factory built anything
