@@ -328,6 +328,16 @@ def _with_peft_student(args: tuple, kwargs: dict, peft_config) -> tuple[tuple, d
             "not both"
         )
     model = peft.get_peft_model(model, peft_config)
+    training_args = args[1] if len(args) > 1 else kwargs.get("args")
+    if getattr(training_args, "gradient_checkpointing", False):
+        # Reentrant checkpointing back-propagates into a checkpointed block only when its input
+        # requires grad. With frozen embeddings (LLM and vision patch embeddings alike) the
+        # adapters inside would get no gradient: checkpoint non-reentrantly unless told
+        # otherwise, and otherwise make the LLM's embeddings require grad, as TRL does.
+        options = dict(training_args.gradient_checkpointing_kwargs or {})
+        if options.setdefault("use_reentrant", False):
+            model.enable_input_require_grads()
+        training_args.gradient_checkpointing_kwargs = options
     if args:
         return (model, *args[1:]), kwargs
     return args, {**kwargs, "model": model}

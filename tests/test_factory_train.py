@@ -117,8 +117,9 @@ LORA_FLAGS = ("--training_recipe", "lora", "--tune_type_llm", "lora", "--lora_r"
 @pytest.mark.parametrize(
     ("processes", "vision", "extra"),
     [(1, "lora", ("--w_ce", "0", "--w_align", "0")),
-     (2, "full", ("--deepspeed", str(ROOT / "configs" / "zero2.json")))],
-    ids=["vision-lora-vsd-only-1", "llm-lora-zero2-2"],
+     (2, "full", ("--deepspeed", str(ROOT / "configs" / "zero2.json"),
+                  "--gradient_checkpointing", "True"))],
+    ids=["vision-lora-vsd-only-1", "llm-lora-zero2-checkpointing-2"],
 )  # fmt: skip
 def test_lora_recipe_saves_a_student_the_factory_loader_merges(
     factory, workspace, pretrained_student, tmp_path, processes, vision, extra
@@ -127,7 +128,7 @@ def test_lora_recipe_saves_a_student_the_factory_loader_merges(
 
     vision-lora-vsd-only: only the switch term trains, so the vision tower's LoRA weights move
     (the switch gradient reaches them) and the LLM's do not. llm-lora-zero2: every term, two
-    ranks under ZeRO-2.
+    ranks under ZeRO-2, with gradient checkpointing as the Factory's LoRA scripts run.
     """
     if "--deepspeed" in extra:
         pytest.importorskip("deepspeed", reason="deepspeed is not installed")

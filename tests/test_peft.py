@@ -79,6 +79,25 @@ def test_peft_student_takes_the_merged_models_step(
             assert torch.equal(after[name], start), name
 
 
+def test_gradient_checkpointing_gives_the_same_lora_step(
+    hf_student, hf_teacher, tiny_tokenizer, tmp_path
+):
+    """Checkpointed decoder and vision layers: the adapters inside them still get the gradient."""
+    batches = [make_host_batch(hf_student, tiny_tokenizer, n=3, seed=2)]
+    states = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        trainer = _trainer(copy.deepcopy(hf_student), tiny_tokenizer, batches,
+                           tmp_path / str(checkpointing), teacher=hf_teacher,
+                           peft_config=_lora_config(init_lora_weights=False),
+                           training={"gradient_checkpointing": checkpointing})  # fmt: skip
+        before = _state(trainer.model)
+        trainer.train()
+        states.append(_state(trainer.model))
+    lora = {name: value for name, value in before.items() if "lora_" in name}
+    assert_same_step(states[1], states[0], lora)
+
+
 def test_vsd_alone_moves_only_the_vision_encoders_lora_weights(
     hf_student, hf_teacher, tiny_tokenizer, tmp_path
 ):
