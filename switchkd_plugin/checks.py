@@ -28,6 +28,36 @@ def check_teacher_path(path: str | None) -> Path:
     return directory
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_teacher_tokenizer_files(directory: Path) -> None:
+    """Say plainly that a teacher directory has no tokenizer, before transformers tries (and
+    reports sentencepiece / tiktoken conversion failures instead)."""
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"--teacher_model_path {directory} holds no tokenizer files (none of "
+            f"{', '.join(TOKENIZER_FILES)}); save the teacher's tokenizer beside its weights "
+            "(tokenizer.save_pretrained(DIR)), or pass teacher_tokenizer= to the trainer"
+        )
+
+
+def check_teacher_weights(directory: Path) -> None:
+    """Every safetensors file of the teacher opens (a truncated or corrupt copy fails here,
+    naming the file, instead of as a raw `SafetensorError` deep inside `from_pretrained`)."""
+    from safetensors import safe_open
+
+    for weights in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own error types, by version
+            raise ValueError(
+                f"--teacher_model_path {directory}: {weights.name} is truncated or corrupt "
+                f"({type(error).__name__}: {error}); copy or save the teacher checkpoint again"
+            ) from error
+
+
 def shared_vocab_size(
     student_tokenizer, teacher_tokenizer, student_rows: int, teacher_rows: int
 ) -> int:
@@ -89,3 +119,17 @@ def check_switch_widths(student: VLMAdapter, teacher: VLMAdapter, switch_point: 
 
 def vision_is_trainable(student: VLMAdapter) -> bool:
     return any(p.requires_grad for p in student.vision_module.parameters())
+
+
+def check_switch_fields(student: VLMAdapter, teacher: VLMAdapter, switch_point: str) -> None:
+    """The switch needs the configs each adapter lists in ``switch_fields`` to be equal (e.g. the
+    same vision encoder: depth, patch size, merge size); the first field that differs is named."""
+    ours, theirs = student.switch_fields(switch_point), teacher.switch_fields(switch_point)
+    for name in [*ours, *(name for name in theirs if name not in ours)]:
+        if ours.get(name) != theirs.get(name):
+            raise ValueError(
+                f"--switch_point {switch_point}: the student's {name} is {ours.get(name)!r} but "
+                f"the teacher's is {theirs.get(name)!r}; the visual switch needs the same vision "
+                "encoder in both: use a teacher of the student's family line (sizes that share "
+                "the vision encoder), or --w_vsd 0 to distil without the switch"
+            )

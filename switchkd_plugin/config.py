@@ -10,6 +10,9 @@ from .losses.dbild import DIRECTIONS, DIVERGENCES, K_MODES
 TERM_LOSSES = ("dbild", "bild", "fkl", "rkl")
 SWITCH_POINTS = ("vision", "connector")
 TEACHER_DTYPES = ("auto", "bfloat16", "float16", "float32")
+NONFINITE_MODES = ("error", "skip")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+TEACHER_ZERO3 = ("shard", "replicate")
 
 
 def _arg(default, help: str, **kwargs):
@@ -74,8 +77,25 @@ class SwitchKDArguments:
     teacher_attn_implementation: str | None = _arg(
         None, "Teacher attention: eager | sdpa | flash_attention_2 (default: as the student)."
     )
-    teacher_gradient_checkpointing: bool = _arg(
-        False, "Recompute the teacher decoder in backward for the switch pass (saves memory)."
+    teacher_gradient_checkpointing: bool | None = _arg(
+        None,
+        "Switch pass: keep one boundary tensor per teacher decoder layer and recompute each "
+        "layer in backward (memory flat in teacher depth). Default: on when the student trains "
+        "with --gradient_checkpointing; True / False forces it.",
+    )
+    teacher_zero3: Literal["shard", "replicate"] = _arg(
+        "shard",
+        "Under ZeRO-3: 'shard' partitions the frozen teacher over the ranks (gathered layer by "
+        "layer); 'replicate' keeps a full frozen copy per rank (no all-gathers), for teachers "
+        "that fit beside the student.",
+    )
+    nonfinite: Literal["error", "skip"] = _arg(
+        "error",
+        "A NaN/inf loss term: 'error' stops with a diagnosis; 'skip' drops the micro-batch (zero "
+        "gradient, on every rank), counts it in the logs (nonfinite_skipped).",
+    )
+    nonfinite_max_in_a_row: int = _arg(
+        10, "--nonfinite skip: stop with the diagnosis once this many micro-batches in a row fail."
     )
 
     def __post_init__(self) -> None:
@@ -88,6 +108,8 @@ class SwitchKDArguments:
             ("directions", DIRECTIONS),
             ("switch_point", SWITCH_POINTS),
             ("teacher_dtype", TEACHER_DTYPES),
+            ("nonfinite", NONFINITE_MODES),
+            ("teacher_zero3", TEACHER_ZERO3),
         ):
             if getattr(self, name) not in valid:
                 raise ValueError(f"--{name} {getattr(self, name)!r}: choose one of {valid}")
@@ -96,12 +118,57 @@ class SwitchKDArguments:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        self._check_k_options()
+        if self.teacher_attn_implementation not in (None, *ATTN_IMPLEMENTATIONS):
+            raise ValueError(
+                f"--teacher_attn_implementation {self.teacher_attn_implementation!r}: choose one "
+                f"of {ATTN_IMPLEMENTATIONS} (or leave it unset: the student's)"
+            )
+        if self.nonfinite_max_in_a_row < 1:
+            raise ValueError(
+                f"--nonfinite_max_in_a_row must be >= 1, got {self.nonfinite_max_in_a_row}"
+            )
         if self.lm_head_chunk_size < 0:
-            raise ValueError(f"--lm_head_chunk_size must be >= 0, got {self.lm_head_chunk_size}")
+            raise ValueError(
+                f"--lm_head_chunk_size must be >= 0 (0: one chunk), got {self.lm_head_chunk_size}"
+            )
         if self.distill == "switchkd" and self.needs_teacher and not self.teacher_model_path:
             raise ValueError(
                 "--distill switchkd needs --teacher_model_path DIR (a saved teacher checkpoint), "
                 "or --w_align 0 --w_vsd 0 for plain SFT"
+            )
+
+    def _check_k_options(self) -> None:
+        """DBiLD's k options against each other (the vocabulary: `check_k_options(vocab)`)."""
+        if self.kneedle_window == 1:
+            raise ValueError(
+                "--kneedle_window 1 leaves no curve to find a knee on: use >= 2, or <= 0"
+            )
+        if self.k_min < 2:
+            raise ValueError(f"--k_min must be >= 2 (a pair needs two tokens), got {self.k_min}")
+        if self.k_max is not None and self.k_max < self.k_min:
+            raise ValueError(f"--k_max {self.k_max} is below --k_min {self.k_min}")
+        if self.kneedle_window > 0 and self.k_min > self.kneedle_window:
+            raise ValueError(
+                f"--k_min {self.k_min} exceeds --kneedle_window {self.kneedle_window}: the knee "
+                "is searched in the window, so lower --k_min or widen the window"
+            )
+        if self.fixed_k < 2:
+            raise ValueError(
+                f"--fixed_k must be >= 2 (a pair needs two tokens), got {self.fixed_k}"
+            )
+
+    def check_k_options(self, vocab_size: int) -> None:
+        """The k options against the distilled vocabulary, once it is known (before step 1)."""
+        if "dbild" not in (self.align_loss, self.vsd_loss):
+            return
+        if self.k_mode == "fixed" and self.fixed_k > vocab_size:
+            raise ValueError(
+                f"--fixed_k {self.fixed_k} exceeds the distilled vocabulary of {vocab_size} tokens"
+            )
+        if self.k_mode == "kneedle" and self.k_min > vocab_size:
+            raise ValueError(
+                f"--k_min {self.k_min} exceeds the distilled vocabulary of {vocab_size} tokens"
             )
 
     @property

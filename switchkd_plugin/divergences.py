@@ -1,48 +1,98 @@
-"""The divergence D of each distillation term, built once from the arguments."""
+"""The divergence D of each distillation term, built once from the arguments.
+
+A DBiLD-family term splits into a no-grad selection (led top-k ids and the teacher's values
+there, `[n, ΣK]`) and a differentiable loss on the student side's values at those ids, so the
+engine can compute the selection once per chunk, share the teacher-led branch between terms and
+keep it for the recompute in backward. A full-vocabulary KL term needs both `[n, V]` sides.
+A non-finite sum is returned, not raised: the trainer checks every term and decides on all
+data-parallel ranks alike.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass
 
 from torch import Tensor
 
 from .config import SwitchKDArguments
-from .losses import KStats, dbild_loss, full_kl_loss
-
-# (student-side logits [n, V], teacher logits [n, V], row mask [n] or None)
-#   -> (sum over the masked rows, k statistics or None)
-Divergence = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, KStats | None]]
-
-
-def _dbild_sum(student: Tensor, teacher: Tensor, mask: Tensor | None, **options):
-    out = dbild_loss(student, teacher, mask, reduction="sum", return_stats=True, **options)
-    return out.loss, out.stats
-
-
-def _full_kl_sum(student: Tensor, teacher: Tensor, mask: Tensor | None, **options):
-    return full_kl_loss(student, teacher, mask, reduction="sum", **options), None
+from .losses import KStats, full_kl_loss
+from .losses.dbild import (
+    DBiLDSelection,
+    LedTopK,
+    TopKRule,
+    dbild_selected,
+    dbild_sides,
+    select_dbild,
+)
 
 
-def make_divergence(kind: str, args: SwitchKDArguments) -> Divergence:
-    """`dbild` (all DBiLD options from args), `bild` (fixed top-8, forward KL), `fkl`, `rkl`."""
+@dataclass(frozen=True)
+class DBiLDTerm:
+    """DBiLD (and BiLD) as a sum over rows, in two steps."""
+
+    rule: TopKRule
+    sides: tuple[str, ...]
+    divergence: str
+    temperature: float
+    k_min: int
+
+    @property
+    def teacher_led(self) -> bool:
+        return "teacher" in self.sides
+
+    def select(
+        self, student: Tensor, teacher: Tensor, teacher_led: LedTopK | None = None
+    ) -> DBiLDSelection:
+        """No grad: student `[n, V]` side logits, teacher `[n, V]` -> the term's led ids and the
+        teacher's values there (`teacher_led`: the teacher-led branch computed by the caller)."""
+        return select_dbild(student.detach(), teacher, self.rule, self.sides, teacher_led)
+
+    def __call__(self, student: Tensor, selection: DBiLDSelection) -> tuple[Tensor, KStats]:
+        """Sum over the rows (differentiable in `student [n, V]`) and the k of each branch."""
+        per_row = dbild_selected(
+            student,
+            selection,
+            temperature=self.temperature,
+            divergence=self.divergence,
+            check_finite=False,
+        )
+        return per_row.sum(), selection.stats(self.k_min)
+
+
+@dataclass(frozen=True)
+class FullKLTerm:
+    """Full-vocabulary KL (the fkl / rkl ablations) as a sum over rows."""
+
+    direction: str
+    temperature: float
+
+    def __call__(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return full_kl_loss(
+            student,
+            teacher,
+            temperature=self.temperature,
+            direction=self.direction,
+            reduction="sum",
+            check_finite=False,
+        )
+
+
+Divergence = DBiLDTerm | FullKLTerm
+
+
+def make_divergence(kind: str, args: SwitchKDArguments, vocab: int) -> Divergence:
+    """`dbild` (all DBiLD options from args), `bild` (fixed top-8, forward KL), `fkl`, `rkl`,
+    for logits over `vocab` columns."""
     if kind == "dbild":
-        return partial(
-            _dbild_sum,
-            temperature=args.temperature,
-            k_mode=args.k_mode,
-            kneedle_window=args.kneedle_window,
-            k_min=args.k_min,
-            k_max=args.k_max,
-            fixed_k=args.fixed_k,
-            divergence=args.divergence,
-            directions=args.directions,
+        rule = TopKRule.build(
+            vocab, args.k_mode, args.kneedle_window, args.k_min, args.k_max, args.fixed_k
+        )
+        return DBiLDTerm(
+            rule, dbild_sides(args.directions), args.divergence, args.temperature, args.k_min
         )
     if kind == "bild":
-        return partial(
-            _dbild_sum, temperature=args.temperature, k_mode="fixed", fixed_k=8, divergence="fkl"
-        )
+        rule = TopKRule.build(vocab, "fixed", 0, 2, None, 8)
+        return DBiLDTerm(rule, dbild_sides("both"), "fkl", args.temperature, k_min=2)
     if kind in ("fkl", "rkl"):
-        direction = "forward" if kind == "fkl" else "reverse"
-        return partial(_full_kl_sum, temperature=args.temperature, direction=direction)
+        return FullKLTerm("forward" if kind == "fkl" else "reverse", args.temperature)
     raise ValueError(f"unknown divergence {kind!r}: choose one of 'dbild', 'bild', 'fkl', 'rkl'")

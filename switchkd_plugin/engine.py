@@ -13,7 +13,9 @@ differently, so rows are matched by (sample, rank among the sample's supervised 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .adapters import VLMAdapter
 from .config import SwitchKDArguments
-from .divergences import make_divergence
+from .divergences import DBiLDTerm, FullKLTerm, make_divergence
+from .layer_checkpoint import checkpoint_each_layer
 from .losses import KStats
 
 IGNORE_INDEX = -100
@@ -92,14 +95,17 @@ class SwitchKDEngine:
 
     Args:
         student, teacher: adapters of the two models (teacher None when no term needs it).
-        args: the Switch-KD arguments.
+        args: the Switch-KD arguments (`teacher_gradient_checkpointing` None counts as off: the
+            trainer resolves it from the student's setting).
         distill_vocab_size: logits columns compared by the distillation terms (the shared
             tokenizer vocabulary; lm_heads may be padded beyond it).
         run_switch: whether the switch pass runs (False when w_vsd = 0 or the student's vision
             encoder is frozen).
-        one_chunk: exactly one lm_head call per pathway, even for a batch without response rows
-            (ZeRO-3 on several ranks, where each call gathers parameters collectively and ranks
-            making different numbers of calls, or in different orders, would deadlock).
+        agree_chunks: on several data-parallel ranks, maps this rank's number of lm_head chunks
+            to the number every rank uses (e.g. an all-reduced maximum). Ranks with fewer rows
+            run empty chunks, so each rank makes the same lm_head calls (ZeRO-3 gathers the
+            parameters collectively at each) and uses every parameter (DDP, ZeRO-2), a rank
+            without any response token included.
     """
 
     def __init__(
@@ -109,17 +115,27 @@ class SwitchKDEngine:
         args: SwitchKDArguments,
         distill_vocab_size: int,
         run_switch: bool,
-        one_chunk: bool = False,
+        agree_chunks: Callable[[int], int] | None = None,
     ) -> None:
         if teacher is None and args.needs_teacher:
             raise ValueError("the align and switch terms need a teacher adapter")
         self.student, self.teacher, self.args = student, teacher, args
-        self.one_chunk = one_chunk
+        self.agree_chunks = agree_chunks
         self.vocab = distill_vocab_size
         self.run_align = teacher is not None and args.w_align > 0
         self.run_switch = teacher is not None and run_switch and args.w_vsd > 0
-        self.align_divergence = make_divergence(args.align_loss, args)
-        self.vsd_divergence = make_divergence(args.vsd_loss, args)
+        self.checkpoint_teacher_layers = bool(args.teacher_gradient_checkpointing)
+        self.align_divergence = make_divergence(args.align_loss, args, distill_vocab_size)
+        self.vsd_divergence = make_divergence(args.vsd_loss, args, distill_vocab_size)
+        used = (self.run_align, self.run_switch)
+        pairs = zip((self.align_divergence, self.vsd_divergence), used, strict=True)
+        terms = [term for term, in_use in pairs if in_use]
+        # Full-vocabulary KL needs the teacher's [c, V] logits again when a chunk is recomputed.
+        self.teacher_logits_in_backward = any(isinstance(t, FullKLTerm) for t in terms)
+        # Both terms compare against the same teacher rows: one teacher-led top-k serves both.
+        dbild = [t for t in terms if isinstance(t, DBiLDTerm) and t.teacher_led]
+        same_rule = len(dbild) == 2 and dbild[0].rule == dbild[1].rule
+        self.shared_teacher_rule = dbild[0].rule if same_rule else None
 
     # ------------------------------------------------------------------------------ passes
 
@@ -130,20 +146,17 @@ class SwitchKDEngine:
             inputs = teacher.pathway_inputs(batch, teacher.project(features))
             return ResponseRows.from_pathway(teacher.decode(inputs), inputs.labels)
 
-    def _switch_rows(self, student_features: Tensor, student_embeds: Tensor, batch) -> ResponseRows:
+    def _switch_rows(self, student_features, student_embeds, batch: dict) -> ResponseRows:
         teacher = self.teacher
-        if self.args.switch_point == "vision":
-            embeds = teacher.project(student_features)
-        else:
-            embeds = student_embeds.to(teacher.input_embeddings.weight.dtype)
+        # pathway_inputs casts the student's embeddings to the teacher's dtype
+        embeds = (
+            teacher.project(student_features)
+            if self.args.switch_point == "vision"
+            else student_embeds
+        )
         inputs = teacher.pathway_inputs(batch, embeds)
-        if self.args.teacher_gradient_checkpointing:
-            hidden = checkpoint(
-                lambda e: teacher.decode(replace(inputs, inputs_embeds=e)),
-                inputs.inputs_embeds,
-                use_reentrant=False,
-            )
-        else:
+        per_layer = self.checkpoint_teacher_layers
+        with checkpoint_each_layer(teacher.decoder_layers) if per_layer else nullcontext():
             hidden = teacher.decode(inputs)
         return ResponseRows.from_pathway(hidden, inputs.labels)
 
@@ -156,22 +169,49 @@ class SwitchKDEngine:
         teacher_hidden: Tensor | None,
         switch_hidden: Tensor | None,
         distill_mask: Tensor | None,
+        selections: dict,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, KStats | None]]:
-        """Weighted loss, ce, align, vsd sums and k statistics over one chunk of rows `[c, H]`."""
+        """Weighted loss, ce, align, vsd sums and k statistics over one chunk of rows `[c, H]`.
+
+        `selections` starts empty and keeps each DBiLD term's no-grad selection (`[c, ΣK]`):
+        when backward recomputes the chunk, the teacher's lm_head and every top-k are not run
+        again (only the differentiable student and switch logits are).
+        """
         student_logits = self.student.lm_head(student_hidden)  # [c, V_student]
         ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
         align = vsd = ce.new_zeros(())
         stats: dict[str, KStats | None] = {}
-        if teacher_hidden is not None:
+        if teacher_hidden is None:
+            return self._weighted(ce, align, vsd, stats)
+
+        def distilled(logits: Tensor) -> Tensor:  # [c, V'] -> [n, vocab], the distilled rows
+            logits = logits[:, : self.vocab]
+            return logits if distill_mask is None else logits[distill_mask]
+
+        first_pass = not selections
+        teacher_logits = teacher_led = None
+        if first_pass or self.teacher_logits_in_backward:
             with torch.no_grad():
-                teacher_logits = self.teacher.lm_head(teacher_hidden)[:, : self.vocab]
-            if self.run_align:
-                align, stats["align"] = self.align_divergence(
-                    student_logits[:, : self.vocab], teacher_logits, distill_mask
-                )
-            if switch_hidden is not None:
-                switch_logits = self.teacher.lm_head(switch_hidden)[:, : self.vocab]
-                vsd, stats["vsd"] = self.vsd_divergence(switch_logits, teacher_logits, distill_mask)
+                teacher_logits = distilled(self.teacher.lm_head(teacher_hidden))
+        if first_pass and self.shared_teacher_rule is not None:
+            teacher_led = self.shared_teacher_rule.select(teacher_logits)
+        parts = []
+        if self.run_align:
+            parts.append(("align", self.align_divergence, student_logits))
+        if switch_hidden is not None:
+            parts.append(("vsd", self.vsd_divergence, self.teacher.lm_head(switch_hidden)))
+        values = {}
+        for name, term, logits in parts:
+            side = distilled(logits)
+            if isinstance(term, DBiLDTerm):
+                if first_pass:
+                    selections[name] = term.select(side, teacher_logits, teacher_led)
+                values[name], stats[name] = term(side, selections[name])
+            else:
+                values[name], stats[name] = term(side, teacher_logits), None
+        return self._weighted(ce, values.get("align", align), values.get("vsd", vsd), stats)
+
+    def _weighted(self, ce: Tensor, align: Tensor, vsd: Tensor, stats: dict):
         args = self.args
         loss = args.w_ce * ce + args.w_align * align + args.w_vsd * vsd
         return loss, ce.detach(), align.detach(), vsd.detach(), stats
@@ -198,11 +238,12 @@ class SwitchKDEngine:
             distill_mask = None  # the usual case: every response row is distilled
 
         n = rows.targets.numel()
-        if n == 0 and not self.one_chunk:  # every term is 0; backward still reaches the student
-            zero = student_states.sum() * 0
-            return StepTerms(zero, zero.detach(), None, None, 0, 0)
-        chunk = max(n, 1) if self.one_chunk else (self.args.lm_head_chunk_size or n)
-        chunks = -(-max(n, 1) // chunk)
+        # A micro-batch without response rows still runs one (empty) chunk: every parameter
+        # takes part in backward, as on the other ranks.
+        chunk = self.args.lm_head_chunk_size or max(n, 1)
+        chunks = max(1, -(-n // chunk))
+        if self.agree_chunks is not None:
+            chunks = self.agree_chunks(chunks)
         losses, term_sums, stats_parts = [], [], []
         for index in range(chunks):
             part = slice(index * chunk, (index + 1) * chunk)
@@ -212,6 +253,7 @@ class SwitchKDEngine:
                 None if teacher_hidden is None else teacher_hidden[part],
                 None if switch_hidden is None else switch_hidden[part],
                 None if distill_mask is None else distill_mask[part],
+                {},
             )
             if chunks > 1:  # keep one chunk's logits alive at a time; recompute them in backward
                 loss, *sums, stats = checkpoint(self._chunk_terms, *pieces, use_reentrant=False)

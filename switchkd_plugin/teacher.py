@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -12,11 +14,11 @@ from packaging import version
 from torch import nn
 
 from .adapters import adapter_class_for
-from .checks import check_teacher_path
+from .checks import check_teacher_path, check_teacher_weights
 
 logger = logging.getLogger(__name__)
 
-_DTYPE_KWARG = (
+DTYPE_KWARG = (
     "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
 )
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -35,6 +37,7 @@ def load_teacher(
     dtype: torch.dtype,
     attn_implementation: str | None,
     vision_attn_implementation: str | None = None,
+    partitioned: bool = True,
 ) -> nn.Module:
     """`model_class.from_pretrained(path)` (the student's class: the teacher is of its family).
 
@@ -43,19 +46,24 @@ def load_teacher(
     `vision_attn_implementation` (what the student's tower runs: a SigLIP tower has no SDPA on
     older releases). Both are set on the sub-configs before the model is built: TinyLLaVA builds
     its parts from them, which `from_pretrained(attn_implementation=)` does not reach.
+
+    Under ZeRO-3, transformers partitions a model as it loads it; `partitioned=False` loads the
+    full weights instead (`--teacher_zero3 replicate`).
     """
     if is_lora_checkpoint(path):
         return load_lora_teacher(
-            path, model_class, dtype, attn_implementation, vision_attn_implementation
+            path, model_class, dtype, attn_implementation, vision_attn_implementation, partitioned
         )
     directory = check_teacher_path(path)
+    check_teacher_weights(directory)
     try:
         config = model_class.config_class.from_pretrained(str(directory))
         _set_attention(config, attn_implementation, vision_attn_implementation)
         logger.info("Switch-KD: loading the teacher %s from %s", model_class.__name__, directory)
-        teacher = model_class.from_pretrained(
-            str(directory), config=config, **{_DTYPE_KWARG: dtype}
-        )
+        with nullcontext() if partitioned else _zero3_init_disabled():
+            teacher = model_class.from_pretrained(
+                str(directory), config=config, **{DTYPE_KWARG: dtype}
+            )
     except (OSError, ValueError) as error:
         raise ValueError(
             f"--teacher_model_path {path}: could not load a {model_class.__name__} from it "
@@ -103,6 +111,7 @@ def load_lora_teacher(
     dtype: torch.dtype,
     attn_implementation: str | None,
     vision_attn_implementation: str | None = None,
+    partitioned: bool = True,
 ) -> nn.Module:
     """A teacher saved as LoRA adapters, merged: base weights, cast to ``dtype``, then the
     adapters loaded and merged, as TinyLLaVA Factory's ``load_pretrained_model`` does.
@@ -127,10 +136,24 @@ def load_lora_teacher(
     if base is None:
         base = load_teacher(
             lora_base_path(path), model_class, dtype, attn_implementation,
-            vision_attn_implementation,
+            vision_attn_implementation, partitioned,
         )  # fmt: skip
     logger.info("Switch-KD: merging the teacher's LoRA adapters from %s", directory)
     return PeftModel.from_pretrained(base.to(dtype), str(directory)).merge_and_unload()
+
+
+@contextmanager
+def _zero3_init_disabled() -> Iterator[None]:
+    """transformers reads the ZeRO-3 setting from one module-level reference when it builds a
+    model: clear it for one load, then put it back."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = reference
 
 
 def freeze(teacher: nn.Module, device: torch.device | str | None, dtype: torch.dtype) -> nn.Module:

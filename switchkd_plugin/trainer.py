@@ -7,11 +7,13 @@ Factory (whose sampler and optimizer parameter groups then still apply).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -21,20 +23,31 @@ from torch import Tensor, nn
 
 from .adapters import VLMAdapter, adapter_for
 from .checks import (
+    check_switch_fields,
     check_switch_widths,
     check_teacher_path,
+    check_teacher_tokenizer_files,
     shared_vocab_size,
     vision_is_trainable,
 )
 from .config import SwitchKDArguments
 from .engine import IGNORE_INDEX, StepTerms, SwitchKDEngine
+from .layer_checkpoint import swapped_forward
+from .loss_scale import BackwardRouter
+from .nonfinite import (
+    any_non_finite,
+    describe,
+    locate_non_finite,
+    non_finite_parameters,
+    zero_gradient_loss,
+)
+from .resume import numpy_rng_state_loadable, restore_model
 from .teacher import freeze, is_lora_checkpoint, load_teacher, lora_base_path, teacher_dtype
 
 logger = logging.getLogger(__name__)
 
 # transformers >= 4.46 counts the response tokens of a whole gradient-accumulation window and
-# passes them to compute_loss; older releases do not, and divide every micro-batch loss by the
-# number of accumulation steps instead.
+# passes them to compute_loss; older releases do not (the trainer counts them itself then).
 TRAINER_PASSES_NUM_ITEMS = (
     "num_items_in_batch" in inspect.signature(transformers.Trainer.training_step).parameters
 )
@@ -63,6 +76,32 @@ class _WindowCountingLoader:
                 yield batch
 
 
+@contextlib.contextmanager
+def _skipping_keeps_window_counts() -> Iterator[None]:
+    """transformers < 4.46 resumes mid-epoch with accelerate's `skip_first_batches(loader, n)`,
+    which rebuilds a plain DataLoader from the attributes of ours and so drops the window
+    counts. While training, skip inside the wrapper instead: `n` is a whole number of optimizer
+    steps, so the windows after the skip are the windows of the uninterrupted run."""
+    module = transformers.trainer
+    original = module.skip_first_batches
+
+    def skip(loader, num_batches=0):
+        if not isinstance(loader, _WindowCountingLoader):
+            return original(loader, num_batches)
+        if num_batches % loader.window:
+            raise RuntimeError(
+                f"resuming skips {num_batches} micro-batches, not a whole number of "
+                f"{loader.window}-batch accumulation windows"
+            )
+        return _WindowCountingLoader(original(loader.loader, num_batches), loader.window)
+
+    module.skip_first_batches = skip
+    try:
+        yield
+    finally:
+        module.skip_first_batches = original
+
+
 class _TermLog:
     """Per-term sums between two logging steps, reported as token means.
 
@@ -88,13 +127,22 @@ class _TermLog:
                 s["total"] += weight * value
         for name, stats in terms.k_stats.items():
             for side, k in (("teacher", stats.teacher_k), ("student", stats.student_k)):
-                if k is not None and k.numel():
+                if k is not None:  # empty on a rank without rows: the keys match every rank's
                     s[f"{name}_k_{side}_sum"] += k.sum()
                     s[f"{name}_k_{side}_rows"] += k.numel()
                     s[f"{name}_k_{side}_at_min"] += (k == stats.k_min).sum()
 
-    def pop(self) -> dict[str, float]:
-        s = {key: float(value) for key, value in self.sums.items()}
+    def pop(self, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+        """Token means since the last pop; `reduce` sums the raw sums over data-parallel ranks
+        first (one collective; every rank must call it, with the same terms configured)."""
+        keys = sorted(self.sums)
+        if reduce is not None and keys:
+            values = [torch.as_tensor(self.sums[key], dtype=torch.float64) for key in keys]
+            device = next((v.device for v in self.sums.values() if isinstance(v, Tensor)), None)
+            stacked = reduce(torch.stack([v.to(device) for v in values]))
+            s = dict(zip(keys, stacked.tolist(), strict=True))
+        else:
+            s = {key: float(self.sums[key]) for key in keys}
         self.sums = defaultdict(float)
         if not s:
             return {}
@@ -102,7 +150,7 @@ class _TermLog:
         logs = {"ce": s["ce"] / tokens, "total": s["total"] / tokens}
         logs.update({name: s[name] / distilled for name in ("align", "vsd") if name in s})
         logs["distilled_tokens"] = s["distilled_tokens"]
-        for key in [k for k in s if k.endswith("_rows")]:
+        for key in [k for k in s if k.endswith("_rows") and s[k]]:  # no row: no k to report
             prefix, rows = key[: -len("_rows")], s[key]
             logs[f"{prefix}_mean"] = s[f"{prefix}_sum"] / rows
             logs[f"{prefix}_at_min"] = s[f"{prefix}_at_min"] / rows
@@ -144,15 +192,46 @@ class SwitchKDTrainerMixin:
         self._teacher_engine = None  # the DeepSpeed engine sharding the teacher under ZeRO-3
         self._zero3_ready = False
         self._term_log = _TermLog()
+        self._eval_log = _TermLog()
+        self._backward: BackwardRouter | None = None
+        self._nonfinite_in_a_row = self._nonfinite_skipped = 0
         if self.switchkd_args.distill == "switchkd":
+            self._check_layout()
             self._engine = self._build_engine(teacher_model, teacher_tokenizer)
+            self._backward = BackwardRouter(self.accelerator)
             # Our loss is already normalised over the accumulation window: newer Trainers must
-            # neither divide it by the accumulation steps nor skip counting the window's tokens.
+            # count the window's tokens, and not divide the loss they report (the gradients
+            # never see their division: BackwardRouter).
             self.model_accepts_loss_kwargs = True
             if hasattr(self, "loss_is_scaled_for_ga"):
                 self.loss_is_scaled_for_ga = True
+            if self.switchkd_args.nonfinite == "skip" and _zero3():
+                raise ValueError(
+                    "--nonfinite skip is not supported under DeepSpeed ZeRO-3 (a partitioned "
+                    "parameter cannot be given a zero gradient outside its module's forward); "
+                    "use --nonfinite error, or ZeRO-2"
+                )
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if getattr(self, "_backward", None) is not None:  # a new accelerator during train()
+            self._backward = BackwardRouter(self.accelerator)
 
     # ------------------------------------------------------------------------------ set-up
+
+    def _check_layout(self) -> None:
+        if self.args.n_gpu > 1 and self.args.world_size == 1:
+            raise ValueError(
+                f"Switch-KD does not run under nn.DataParallel ({self.args.n_gpu} GPUs in one "
+                "process): launch one process per GPU with `torchrun --nproc_per_node N` or the "
+                "`deepspeed` launcher (or set CUDA_VISIBLE_DEVICES to one GPU)"
+            )
+        if self.switchkd_args.teacher_zero3 == "replicate" and not _zero3():
+            raise ValueError(
+                "--teacher_zero3 replicate applies under DeepSpeed ZeRO-3 only (the teacher is "
+                "already a full replica on each rank otherwise): drop the flag, or pass a ZeRO-3 "
+                "config with --deepspeed"
+            )
 
     def _student_tokenizer(self):
         tokenizer = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
@@ -172,8 +251,10 @@ class SwitchKDTrainerMixin:
         path = self.switchkd_args.teacher_model_path
         if is_lora_checkpoint(path) and not (Path(path) / "tokenizer_config.json").is_file():
             path = lora_base_path(path)  # adapters saved without a tokenizer: the base's
+        directory = check_teacher_path(path)
+        check_teacher_tokenizer_files(directory)
         try:
-            return transformers.AutoTokenizer.from_pretrained(check_teacher_path(path))
+            return transformers.AutoTokenizer.from_pretrained(directory)
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"no tokenizer found for the teacher at {path} ({error}); save the teacher's "
@@ -197,10 +278,12 @@ class SwitchKDTrainerMixin:
                     dtype,
                     attn,
                     vision_attn_implementation=_attn_of(student.vision_module),
+                    partitioned=self._teacher_sharded,
                 )
             # Under ZeRO-3 the teacher is sharded by a DeepSpeed engine on first use (the config
             # is only complete once training starts); elsewhere it is a frozen replica.
-            self.teacher = freeze(teacher, None if _zero3() else self.args.device, dtype)
+            device = None if self._teacher_sharded else self.args.device
+            self.teacher = freeze(teacher, device, dtype)
             teacher_adapter = adapter_for(self.teacher)
             vocab = shared_vocab_size(
                 self._student_tokenizer(),
@@ -208,9 +291,12 @@ class SwitchKDTrainerMixin:
                 output_rows(student),
                 output_rows(teacher_adapter),
             )
+        if teacher_adapter is not None:
+            args.check_k_options(vocab)
         run_switch = args.w_vsd > 0 and teacher_adapter is not None
         if run_switch:
             check_switch_widths(student, teacher_adapter, args.switch_point)
+            check_switch_fields(student, teacher_adapter, args.switch_point)
             if not vision_is_trainable(student):
                 logger.warning(
                     "Switch-KD: --w_vsd %s but the student's vision encoder has no trainable "
@@ -219,21 +305,63 @@ class SwitchKDTrainerMixin:
                     args.w_vsd,
                 )
                 run_switch = False
-        one_chunk = _zero3() and self.args.world_size > 1
-        if one_chunk and args.lm_head_chunk_size:
+        if run_switch and _zero3():
+            _check_deepspeed_backprops_through_eval_modules()
+        checkpointing = args.teacher_gradient_checkpointing
+        if checkpointing is None:  # follow the student
+            checkpointing = bool(self.args.gradient_checkpointing)
+        agree = self._agree_chunks if self.args.world_size > 1 else None
+        engine_args = replace(args, teacher_gradient_checkpointing=checkpointing)
+        if self._teacher_sharded and self.args.world_size > 1 and args.lm_head_chunk_size:
+            # A chunk recomputed in backward calls the sharded teacher's lm_head outside its
+            # engine's forward, where DeepSpeed (0.19) does not gather it again.
             logger.warning(
-                "Switch-KD: ZeRO-3 on %d ranks: the lm_heads run on all response rows at once, "
-                "so that every rank makes the same parameter-gathering calls "
-                "(--lm_head_chunk_size is not used)",
+                "Switch-KD: ZeRO-3 with a sharded teacher on %d ranks: the lm_heads run on all "
+                "response rows at once (--lm_head_chunk_size is not used); --teacher_zero3 "
+                "replicate keeps the chunks",
                 self.args.world_size,
             )
-        return SwitchKDEngine(student, teacher_adapter, args, vocab, run_switch, one_chunk)
+            engine_args = replace(engine_args, lm_head_chunk_size=0)
+        return SwitchKDEngine(student, teacher_adapter, engine_args, vocab, run_switch, agree)
+
+    @property
+    def _teacher_sharded(self) -> bool:
+        return _zero3() and self.switchkd_args.teacher_zero3 == "shard"
+
+    def _agree_chunks(self, chunks: int) -> int:
+        """The largest lm_head chunk count over the ranks: all make the same calls."""
+        count = torch.tensor([chunks], device=self.args.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        return int(count.item())
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
         if self._engine is not None and not TRAINER_PASSES_NUM_ITEMS:
             return _WindowCountingLoader(loader, self.args.gradient_accumulation_steps)
         return loader
+
+    # ----------------------------------------------------------------------------- resume
+
+    def train(self, *args, **kwargs):
+        counting = self._engine is not None and not TRAINER_PASSES_NUM_ITEMS
+        with _skipping_keeps_window_counts() if counting else contextlib.nullcontext():
+            return super().train(*args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        """The host's loader warns and goes on when the saved keys do not match the model's
+        (transformers 5.x saves LLaVA in its original key layout): restore every weight through
+        the model's own `from_pretrained` then, or refuse (`switchkd_plugin.resume`). Also with
+        `--distill none`: a resume that silently restarts from the initial weights is never
+        what the run asked for."""
+        # FSDP / SageMaker pass their wrapper: theirs is the host's loader.
+        own_model = model is None or model is self.model
+        if own_model and restore_model(self.model, resume_from_checkpoint):
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_rng_state(self, checkpoint) -> None:
+        with numpy_rng_state_loadable():  # transformers < 4.47 on torch >= 2.6
+            super()._load_rng_state(checkpoint)
 
     # ------------------------------------------------------------------------------- loss
 
@@ -255,18 +383,19 @@ class SwitchKDTrainerMixin:
         gradient bookkeeping see the student computation."""
         inner = self.accelerator.unwrap_model(model)
         if _zero3() and not self._zero3_ready:
-            if self.teacher is not None:
+            if self.teacher is not None and self._teacher_sharded:
                 self._shard_teacher()
             for module in (inner, self.teacher):
                 _register_unhooked_parameters(module)
             self._zero3_ready = True
-        if inner is model:
-            return self._engine(batch)
-        inner.forward = lambda b: (lambda t: (t.loss, t))(self._engine(b))
-        try:
-            return model(batch)[1]
-        finally:
-            del inner.forward
+        # The autocast the host applies to the model's forward (bf16 / fp16 without DeepSpeed;
+        # DeepSpeed casts the weights instead and this is a no-op): the engine calls the
+        # model's parts, not its forward, and replaces the forward below.
+        with self.accelerator.autocast():
+            if inner is model:
+                return self._engine(batch)
+            with swapped_forward(inner, lambda b: (lambda t: (t.loss, t))(self._engine(b))):
+                return model(batch)[1]
 
     def _normaliser(self, num_items_in_batch, window_items, terms: StepTerms) -> Tensor:
         """The number of response tokens the loss is averaged over: the whole accumulation
@@ -291,23 +420,95 @@ class SwitchKDTrainerMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **extra)
         window_items = inputs.pop(WINDOW_ITEMS_KEY, None)
         terms = self._run_engine(model, inputs)
+        args = self.switchkd_args
+        weights = (args.w_ce, args.w_align, args.w_vsd)
         if not model.training:  # evaluation: the mean over this batch's response tokens
+            self._eval_log.add(terms, weights)
             loss = terms.loss / max(terms.response_tokens, 1)
             return (loss, {"loss": loss}) if return_outputs else loss
-        # Gradients are averaged over ranks (x world size) and, before 4.46, every micro-batch
-        # loss is divided by the accumulation steps (x steps): what remains is sum / tokens.
-        scale = self.args.world_size
-        if not TRAINER_PASSES_NUM_ITEMS:
-            scale *= self.args.gradient_accumulation_steps
-        loss = terms.loss / self._normaliser(num_items_in_batch, window_items, terms) * scale
-        args = self.switchkd_args
-        self._term_log.add(terms, (args.w_ce, args.w_align, args.w_vsd))
+        skipped = self._skip_if_non_finite(model, inputs, terms)
+        if skipped is not None:  # a zero-gradient loss: no scaling to get right
+            return (skipped, {"loss": skipped}) if return_outputs else skipped
+        # Gradients are averaged over ranks (x world size): what remains is sum / tokens.
+        loss = terms.loss / self._normaliser(num_items_in_batch, window_items, terms)
+        loss = loss * self.args.world_size
+        self._backward.expect(loss)  # the gradients are those of `loss`, on every release
+        if num_items_in_batch is None:  # such Trainers report loss / accumulation steps
+            loss = loss * self.args.gradient_accumulation_steps
+        self._term_log.add(terms, weights)
         return (loss, {"loss": loss}) if return_outputs else loss
 
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if self._backward is not None:  # before any optimizer step: refuse, never train wrong
+            self._backward.check_consumed()
+        return loss
+
+    def _skip_if_non_finite(self, model, batch: dict, terms: StepTerms) -> Tensor | None:
+        """None when every term of this micro-batch is finite on every data-parallel rank.
+
+        Otherwise, on all ranks alike (the flag is all-reduced, so collectives stay in step):
+        `--nonfinite error` raises with a diagnosis; `skip` returns a loss of exactly zero
+        gradient, and raises once `--nonfinite_max_in_a_row` micro-batches in a row failed.
+        """
+        flag = any_non_finite(terms)
+        if self.args.world_size > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if not flag.item():
+            self._nonfinite_in_a_row = 0
+            return None
+        args, student = self.switchkd_args, self.accelerator.unwrap_model(model)
+        self._nonfinite_in_a_row += 1
+        if args.nonfinite == "skip" and self._nonfinite_in_a_row < args.nonfinite_max_in_a_row:
+            self._nonfinite_skipped += 1
+            logger.warning(
+                "Switch-KD: %s; skipping this micro-batch (%d in a row)",
+                describe(terms, [], [], self.state.global_step).rstrip("."),
+                self._nonfinite_in_a_row,
+            )
+            return zero_gradient_loss(student)
+        own = bool(any_non_finite(terms).item())
+        found = locate_non_finite(self._engine, batch)  # on every rank: collectives in step
+        message = describe(
+            terms if own else None, found, non_finite_parameters(student), self.state.global_step
+        )
+        if args.nonfinite == "skip":
+            message += f" Stopped after {self._nonfinite_in_a_row} such micro-batches in a row."
+        else:
+            message += " No weight was updated with it; --nonfinite skip drops such batches."
+        raise FloatingPointError(message)
+
+    def _sum_over_ranks(self, values: Tensor) -> Tensor:
+        if self.args.world_size == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.args.device), reduction="sum")
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs:  # a training log: add the per-term means since the last one
-            logs.update(self._term_log.pop())
+        if "loss" in logs and self._engine is not None:  # a training log: the per-term means
+            logs.update(self._term_log.pop(self._sum_over_ranks))  # every rank logs: collective
+            if self._engine is not None and self.switchkd_args.nonfinite == "skip":
+                logs["nonfinite_skipped"] = self._nonfinite_skipped
+                self._nonfinite_skipped = 0
         super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(
+        self,
+        dataloader,
+        description,
+        prediction_loss_only=None,
+        ignore_keys=None,
+        metric_key_prefix="eval",
+    ):
+        """The host's loop, plus `eval_ce` / `eval_align` / `eval_vsd` (and the k statistics):
+        token-weighted means over the whole evaluation set, summed over ranks."""
+        self._eval_log = _TermLog()
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        if self._engine is not None:
+            means = self._eval_log.pop(self._sum_over_ranks)
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in means.items()})
+        return output
 
 
 def _with_peft_student(args: tuple, kwargs: dict, peft_config) -> tuple[tuple, dict]:
@@ -355,6 +556,27 @@ def _zero3() -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return is_deepspeed_zero3_enabled()
+
+
+# ZeRO-3 parameter hooks asserted `module.training` in backward until DeepSpeed 0.15.4; the
+# switch pass backpropagates through the teacher, which is in eval mode.
+ZERO3_EVAL_BACKWARD_DEEPSPEED = "0.15.4"
+
+
+def _check_deepspeed_backprops_through_eval_modules() -> None:
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    installed = version("deepspeed")
+    if Version(installed) < Version(ZERO3_EVAL_BACKWARD_DEEPSPEED):
+        raise ValueError(
+            f"Switch-KD: the visual switch under ZeRO-3 backpropagates through the frozen teacher "
+            f"(eval mode), which DeepSpeed < {ZERO3_EVAL_BACKWARD_DEEPSPEED} refuses ('backward "
+            f"pass is invalid for module in evaluation mode'); deepspeed {installed} is "
+            f"installed: pip install 'deepspeed>={ZERO3_EVAL_BACKWARD_DEEPSPEED}', or use ZeRO-2, "
+            "or --w_vsd 0"
+        )
 
 
 def _register_unhooked_parameters(module: nn.Module | None) -> None:

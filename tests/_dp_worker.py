@@ -25,12 +25,39 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_trainer import _split, _trainer
 
 
-def main(out_dir: str, world_micro_batches: str, deepspeed: str | None = None) -> None:
-    tokenizer = build_tokenizer()
-    student = build_hf_llava(student_spec(), tokenizer).train()
-    teacher = build_hf_llava(teacher_spec(), tokenizer).requires_grad_(False).eval()
-    batch = make_host_batch(student, tokenizer, n=4, seed=7)
-    micro = _split(batch, (1, 3))
+def _models_and_micro_batches(family: str):
+    """(tokenizer, student, teacher, two micro-batches of 1 and 3 samples) of one family."""
+    if family == "hf_llava":
+        tokenizer = build_tokenizer()
+        student = build_hf_llava(student_spec(), tokenizer).train()
+        teacher = build_hf_llava(teacher_spec(), tokenizer).requires_grad_(False).eval()
+        return (
+            tokenizer,
+            student,
+            teacher,
+            _split(make_host_batch(student, tokenizer, n=4, seed=7), (1, 3)),
+        )
+    from switchkd_plugin.testing import families, qwen_vl
+
+    if family in families.FAMILIES:  # a family whose image tensors are per sample: gemma3
+        tokenizer = families.build_family_tokenizer(family)
+        shared_vision = student_spec(vision_layers=teacher_spec().vision_layers)
+        student = families.build_family_model(family, shared_vision, tokenizer).train()
+        teacher = families.build_family_model(family, teacher_spec(), tokenizer)
+        batch = families.make_family_batch(family, student, tokenizer, n=4, seed=7)
+        return tokenizer, student, teacher.requires_grad_(False).eval(), _split(batch, (1, 3))
+    tokenizer = qwen_vl.build_qwen_vl_tokenizer()
+    student = qwen_vl.build_qwen_vl(family, student_spec(), tokenizer).train()
+    teacher = qwen_vl.build_qwen_vl(family, teacher_spec(), tokenizer)
+    micro = [qwen_vl.make_qwen_vl_batch(tokenizer, n=n, seed=7 + n) for n in (1, 3)]
+    return tokenizer, student, teacher.requires_grad_(False).eval(), micro
+
+
+def main(
+    out_dir: str, world_micro_batches: str, deepspeed: str = "", teacher_zero3: str = "shard"
+) -> None:
+    family = os.environ.get("SWITCHKD_TEST_FAMILY", "hf_llava")  # tests/test_famil*.py
+    tokenizer, student, teacher, micro = _models_and_micro_batches(family)
     if world_micro_batches == "split-empty":  # one rank's micro-batch has no response token
         micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
     accumulation = 2 if world_micro_batches == "accumulate" else 1
@@ -43,8 +70,9 @@ def main(out_dir: str, world_micro_batches: str, deepspeed: str | None = None) -
     if deepspeed:
         training["deepspeed"] = deepspeed
     # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.
+    # The ranks' micro-batches need different chunk counts: they agree on the larger one.
     trainer = _trainer(student, tokenizer, micro, out_dir, teacher=teacher, training=training,
-                       lm_head_chunk_size=16)  # fmt: skip
+                       lm_head_chunk_size=16, teacher_zero3=teacher_zero3)  # fmt: skip
     assert trainer.is_deepspeed_enabled == bool(deepspeed)
     trainer.train()
     trainer.save_model(out_dir)  # gathers ZeRO-3 shards on rank 0

@@ -34,12 +34,37 @@ def test_parsed_with_training_arguments_by_hf_argument_parser(tmp_path):
         ({"vsd_loss": "mse"}, r"--vsd_loss 'mse': choose one of \('dbild', 'bild', 'fkl', 'rkl'\)"),
         ({"lm_head_chunk_size": -2}, "--lm_head_chunk_size must be >= 0"),
         ({"teacher_model_path": None}, "needs --teacher_model_path DIR"),
+        ({"k_min": 1}, "--k_min must be >= 2"),
+        ({"k_min": 8, "k_max": 4}, "--k_max 4 is below --k_min 8"),
+        ({"k_min": 300}, "--k_min 300 exceeds --kneedle_window 256"),
+        ({"kneedle_window": 1}, "--kneedle_window 1 leaves no curve"),
+        ({"fixed_k": 1}, "--fixed_k must be >= 2"),
+        ({"teacher_attn_implementation": "fast"}, r"--teacher_attn_implementation 'fast': choose"),
+        ({"nonfinite": "ignore"}, r"--nonfinite 'ignore': choose one of \('error', 'skip'\)"),
+        ({"nonfinite_max_in_a_row": 0}, "--nonfinite_max_in_a_row must be >= 1"),
     ],
 )
 def test_bad_values_fail_at_parse_time(overrides, message):
     values = {"distill": "switchkd", "teacher_model_path": "/t", **overrides}
     with pytest.raises(ValueError, match=message):
         SwitchKDArguments(**values)
+
+
+def test_bad_values_fail_when_parsed_from_the_command_line(tmp_path):
+    parser = transformers.HfArgumentParser((transformers.TrainingArguments, SwitchKDArguments))
+    with pytest.raises(ValueError, match="--k_max 3 is below --k_min 4"):
+        parser.parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--k_min", "4", "--k_max", "3"]
+        )
+
+
+def test_k_options_are_checked_against_the_vocabulary_once_known():
+    SwitchKDArguments(k_mode="fixed", fixed_k=600).check_k_options(600)
+    with pytest.raises(ValueError, match="--fixed_k 601 exceeds the distilled vocabulary of 600"):
+        SwitchKDArguments(k_mode="fixed", fixed_k=601).check_k_options(600)
+    with pytest.raises(ValueError, match="--k_min 200 exceeds the distilled vocabulary of 100"):
+        SwitchKDArguments(k_min=200).check_k_options(100)
+    SwitchKDArguments(k_min=200, align_loss="fkl", vsd_loss="rkl").check_k_options(100)  # no DBiLD
 
 
 def test_plain_sft_needs_no_teacher():

@@ -44,6 +44,8 @@ def test_non_finite_logits_name_the_side(loss_fn, side, value):
     expected = "student and teacher" if side == "both" else side
     with pytest.raises(ValueError, match=f"NaN/inf in the {expected} logits"):
         loss_fn(student, teacher)
+    # The trainer checks every term itself (identically on all ranks): returned, not raised.
+    assert not torch.isfinite(loss_fn(student, teacher, check_finite=False))
 
 
 @pytest.mark.parametrize(

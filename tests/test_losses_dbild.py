@@ -210,7 +210,13 @@ def test_low_precision_inputs_give_the_float32_answer(low_precision):
     loss.backward()
     reference.backward()
     assert student.grad.dtype == low_precision
-    assert torch.equal(student.grad, upcast_student.grad.to(low_precision))
+    # Only the gathered [n, K] values are upcast, so an id picked by both branches gets two
+    # contributions, each rounded to the low precision before they are summed there: at most
+    # two roundings (eps each, relative to the largest gradient) apart from the upcast path.
+    eps = torch.finfo(low_precision).eps
+    _assert_close_rel(student.grad.float(), upcast_student.grad, rtol=2 * eps, atol=0)
+    once = upcast_student.grad.to(low_precision)
+    assert (student.grad == once).float().mean() > 0.9  # elsewhere: the same rounding
 
 
 def test_all_false_mask_gives_zero_and_backward_works():

@@ -11,7 +11,7 @@ from switchkd_plugin.losses import full_kl_loss, kneedle_k
 
 
 def _kneedle_by_hand(row: list[float], window: int, k_min: int, k_max: int | None) -> int:
-    """DESIGN §2 read literally, one row, no tensors."""
+    """docs/method.md read literally, one row, no tensors."""
     values = sorted(row, reverse=True)
     n = len(values) if window <= 0 else min(window, len(values))
     values = values[:n]

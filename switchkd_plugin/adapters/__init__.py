@@ -5,16 +5,36 @@ from __future__ import annotations
 from torch import nn
 
 from switchkd_plugin.adapters.base import MultimodalInputs, SpliceRules, VLMAdapter
+from switchkd_plugin.adapters.gemma3 import Gemma3Adapter
 from switchkd_plugin.adapters.hf_llava import HFLlavaAdapter
+from switchkd_plugin.adapters.internvl import InternVLAdapter
+from switchkd_plugin.adapters.llava_onevision import LlavaOnevisionAdapter
+from switchkd_plugin.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen3VLAdapter
+from switchkd_plugin.adapters.smolvlm import SmolVLMAdapter
 from switchkd_plugin.adapters.splice import splice_image_features
 from switchkd_plugin.adapters.tinyllava import TinyLlavaAdapter
 
-ADAPTERS: tuple[type[VLMAdapter], ...] = (TinyLlavaAdapter, HFLlavaAdapter)
+ADAPTERS: tuple[type[VLMAdapter], ...] = (
+    TinyLlavaAdapter,
+    HFLlavaAdapter,
+    Qwen2_5_VLAdapter,
+    Qwen3VLAdapter,
+    LlavaOnevisionAdapter,
+    InternVLAdapter,
+    Gemma3Adapter,
+    SmolVLMAdapter,
+)
 
 __all__ = [
     "ADAPTERS",
+    "Gemma3Adapter",
     "HFLlavaAdapter",
+    "InternVLAdapter",
+    "LlavaOnevisionAdapter",
     "MultimodalInputs",
+    "Qwen2_5_VLAdapter",
+    "Qwen3VLAdapter",
+    "SmolVLMAdapter",
     "SpliceRules",
     "TinyLlavaAdapter",
     "VLMAdapter",

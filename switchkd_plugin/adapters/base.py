@@ -3,8 +3,27 @@
 A VLM is vision encoder -> connector -> language model. Switch-KD needs each stage separately, so
 that one model's vision output can go through another model's connector and LM. An adapter
 exposes the stages of one host model class, each reproducing exactly what the host's own
-``forward`` does, so ``lm_head(decode(build_inputs(ids, mask, labels, project(encode_vision(x)))))``
+``forward`` does, so ``lm_head(decode(pathway_inputs(batch, project(vision_features(batch)))))``
 equals the host's logits.
+
+What the engine calls (nothing else, so no host key or family name lives in the engine):
+
+- ``vision_features(batch)``: the vision encoder's output for a batch as the host's processor or
+  collator made it (each adapter reads its host's keys: ``pixel_values`` with
+  ``image_grid_thw``, ``images``, ...). A tensor [B, P, Dv] by default; an adapter whose features
+  are more than one tensor (window order and grid, deepstack layers) returns a small typed
+  dataclass of its own. Whatever it returns, ``project`` of this adapter *and of the other
+  model's adapter of the same family* must accept it: that is the visual switch.
+- ``project(features)``: the connector, to the image embeddings ``pathway_inputs`` takes (a
+  tensor by default, or an adapter's dataclass, e.g. merged tokens plus deepstack embeddings).
+- ``pathway_inputs(batch, image_embeds)``: text embeddings with the image embeddings spliced in,
+  and the host's own positions (e.g. Qwen's 3D rope from the model's rope-index function), as
+  ``MultimodalInputs``; decoder extras go in ``MultimodalInputs.decoder_kwargs``. The embeddings
+  may come from the other model (the switch), in another dtype: they are cast here.
+- ``decode(inputs)``: the decoder to final-norm hidden states [B, S, H]; ``lm_head`` [V, H].
+
+Before the first step, the trainer compares ``switch_fields`` of student and teacher (config
+values the switch needs equal, e.g. depth, patch and merge size) and the widths.
 """
 
 from __future__ import annotations
@@ -12,13 +31,19 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from switchkd_plugin.adapters.splice import MultimodalInputs, SpliceRules, splice_image_features
 
-__all__ = ["MultimodalInputs", "SpliceRules", "VLMAdapter"]
+__all__ = ["ImageEmbeds", "MultimodalInputs", "SpliceRules", "VLMAdapter", "VisionFeatures"]
+
+# What ``vision_features`` returns and ``project`` takes: a Tensor [B, P, Dv] or an adapter's
+# own dataclass. What ``project`` returns and ``pathway_inputs`` takes: a Tensor [N, P', H] (or
+# N tensors [P'_i, H]) or an adapter's own dataclass.
+VisionFeatures = Any
+ImageEmbeds = Any
 
 
 class VLMAdapter(ABC):
@@ -71,6 +96,18 @@ class VLMAdapter(ABC):
         """The output projection, weight [V, H]."""
 
     @property
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        """The decoder's transformer blocks, in order (what per-layer checkpointing wraps)."""
+        layers = getattr(self.decoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(
+                f"{type(self.decoder).__name__} keeps no `layers` list of decoder blocks, so the "
+                "teacher cannot be checkpointed per layer: set --teacher_gradient_checkpointing "
+                "False, or override `decoder_layers` in this host's adapter"
+            )
+        return layers
+
+    @property
     def input_embeddings(self) -> nn.Module:
         """The LM's token embedding, weight [V, H]."""
         return self.model.get_input_embeddings()
@@ -99,10 +136,13 @@ class VLMAdapter(ABC):
 
     # -------------------------------------------------------------------------------- stages
 
-    @abstractmethod
     def encode_vision(self, images: Tensor) -> Tensor:
         """[B, 3, h, w] -> vision-encoder output before the connector [B, P, Dv], with the
-        host's feature layer and selection."""
+        host's feature layer and selection. Hosts whose images need more than one tensor (a
+        patch grid, sizes) override ``vision_features`` instead."""
+        raise NotImplementedError(
+            f"{type(self).__name__} encodes whole host batches: call vision_features(batch)"
+        )
 
     def project(self, features: Tensor) -> Tensor:
         """Connector: [B, P, Dv] -> [B, P', H]. Features from another model are cast to this
@@ -112,9 +152,12 @@ class VLMAdapter(ABC):
             features = features.to(device=weight.device, dtype=weight.dtype)
         return self.connector(features)
 
-    @abstractmethod
     def splice_rules(self, attention_mask: Tensor) -> SpliceRules:
-        """The host's placeholder convention and layout for a batch with this attention mask."""
+        """The host's placeholder convention and layout for a batch with this attention mask
+        (for ``build_inputs``; hosts that splice otherwise override ``pathway_inputs``)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} splices whole host batches: call pathway_inputs(batch, embeds)"
+        )
 
     def build_inputs(
         self,
@@ -141,13 +184,15 @@ class VLMAdapter(ABC):
     # What the engine calls: each adapter reads the image inputs its host's collator produces
     # (pixel values and whatever goes with them), so no host-specific key lives in the engine.
 
-    def vision_features(self, batch: dict) -> Tensor:
-        """The vision-encoder output for a host batch (the input of ``project``)."""
+    def vision_features(self, batch: dict) -> VisionFeatures:
+        """The vision-encoder output for a host batch (the input of ``project``): by default
+        ``encode_vision(batch[images_key])`` [B, P, Dv]."""
         return self.encode_vision(batch[self.images_key])
 
-    def pathway_inputs(self, batch: dict, image_embeds: Tensor) -> MultimodalInputs:
+    def pathway_inputs(self, batch: dict, image_embeds: ImageEmbeds) -> MultimodalInputs:
         """The decoder inputs of one pathway: this model's text embeddings of the batch with
-        ``image_embeds`` (any pathway's projected features) spliced in."""
+        ``image_embeds`` (any pathway's projected features, cast to this model's dtype)
+        spliced in."""
         return self.build_inputs(
             batch["input_ids"], batch["attention_mask"], batch["labels"], image_embeds
         )
@@ -160,5 +205,15 @@ class VLMAdapter(ABC):
             position_ids=inputs.position_ids,
             use_cache=False,
             return_dict=True,
+            **inputs.decoder_kwargs,
         )
         return outputs.last_hidden_state
+
+    # ------------------------------------------------------------------------ pre-flight
+
+    def switch_fields(self, switch_point: str) -> dict[str, Any]:
+        """Config values that must be equal in student and teacher for the switch at
+        ``switch_point`` ("vision" or "connector"), beyond the widths ``check_switch_widths``
+        compares: name (as the user finds it in the config, e.g. ``vision_config.depth``) ->
+        value. None by default."""
+        return {}

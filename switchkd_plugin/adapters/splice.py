@@ -11,7 +11,8 @@ same text and the same supervised label sequence (up to truncation).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,12 +27,17 @@ class MultimodalInputs:
     ``labels`` are -100 on image features, padding and anything else not supervised; positions of
     the same text token differ between pathways whose connectors emit different token counts, so
     align pathways through their labels, never by index.
+
+    ``position_ids`` is [B, S], or the host's own layout (Qwen's multimodal rope: [3, B, S]).
+    ``decoder_kwargs`` are further keyword arguments of the host's decoder call, e.g. Qwen3-VL's
+    deepstack features (``visual_pos_masks``, ``deepstack_visual_embeds``); empty for most hosts.
     """
 
     inputs_embeds: Tensor  # [B, S, H]
     attention_mask: Tensor  # [B, S], the dtype of the attention mask passed in
     labels: Tensor  # [B, S], -100 = not supervised
-    position_ids: Tensor | None  # [B, S]
+    position_ids: Tensor | None  # [B, S], or the host's layout (see above)
+    decoder_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

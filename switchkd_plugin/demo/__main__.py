@@ -69,11 +69,15 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown; the epilog (the default command's flags, already formatted) kept as is."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m switchkd_plugin.demo",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="{run,replicate}")
     run = commands.add_parser(
@@ -129,6 +133,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     replicate.add_argument(
         "--out", type=Path, default=Path("results"), help="directory for the outputs"
+    )
+    # `--help` without a command shows the default command's flags too, not just the commands.
+    run_options = "\n".join(
+        line
+        for line in run.format_help().split("\n\n", 1)[1].splitlines()  # after its usage
+        if line.strip() not in ("options:", "optional arguments:")
+        and not line.lstrip().startswith("-h, --help")
+    )
+    parser.epilog = (
+        f"flags of the default command, run (no command given):\n{run_options}\n\n"
+        "replicate takes the same flags but --seed, and --seeds, --variants, --out: "
+        "python -m switchkd_plugin.demo replicate --help"
     )
     return parser
 

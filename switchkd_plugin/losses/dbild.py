@@ -1,6 +1,6 @@
 """DBiLD: bidirectional logit-difference distillation with a dynamic (Kneedle) top-k.
 
-Switch-KD's distillation divergence (DESIGN §2). One function covers the ablation family:
+Switch-KD's distillation divergence (docs/method.md). One function covers the ablation family:
 BiLD (arXiv 2406.13555) is `k_mode="fixed", fixed_k=8, divergence="fkl"` with both directions.
 """
 
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .kneedle import knee_k_from_sorted, resolve_k_bounds, window_width
 from .pairwise import PAIR_KL
-from .rows import check_choice, raise_if_non_finite, reduce_rows, select_rows
+from .rows import check_choice, raise_if_non_finite, reduce_rows, select_rows, upcast
 
 K_MODES = ("kneedle", "fixed")
 DIVERGENCES = ("rkl", "fkl")
@@ -54,8 +54,17 @@ class DBiLDOutput:
     stats: KStats
 
 
+@dataclass
+class LedTopK:
+    """The ids one led branch compares, for n rows: the leader's top-K in descending order,
+    of which row r uses the first `k[r]`."""
+
+    ids: Tensor  # [n, K] int64
+    k: Tensor  # [n] int64
+
+
 @dataclass(frozen=True)
-class _TopKRule:
+class TopKRule:
     """How each led branch picks its ids: a fixed k, or the Kneedle k within the top `width`."""
 
     fixed_k: int | None
@@ -66,7 +75,8 @@ class _TopKRule:
     @classmethod
     def build(
         cls, vocab: int, k_mode: str, window: int, k_min: int, k_max: int | None, fixed_k: int
-    ):
+    ) -> TopKRule:
+        check_choice("k_mode", k_mode, K_MODES)
         if k_mode == "fixed":
             if not 2 <= fixed_k <= vocab:
                 raise ValueError(f"fixed_k must be in [2, vocab size {vocab}], got {fixed_k}")
@@ -74,15 +84,95 @@ class _TopKRule:
         width = window_width(vocab, window)
         return cls(None, width, *resolve_k_bounds(width, k_min, k_max))
 
-    def select(self, leader: Tensor) -> tuple[Tensor, Tensor]:
-        """Led ids `[n, K]` (descending leader order, K = max k) and each row's k `[n]`."""
-        top = leader.topk(self.width, dim=-1, sorted=True)
+    def select(self, leader: Tensor) -> LedTopK:
+        """Led ids of `leader [n, V]` (no grad). The top-k runs in the logits' own dtype: bf16 and
+        fp16 widen to float32 exactly, so the ids are those of the upcast logits; only the
+        `[n, width]` values the knee is searched on are upcast."""
+        top = leader.detach().topk(self.width, dim=-1, sorted=True)
         if self.fixed_k is not None:
-            return top.indices, torch.full(
-                top.indices.shape[:1], self.fixed_k, device=leader.device
-            )
+            return LedTopK(top.indices, torch.full_like(top.indices[:, 0], self.fixed_k))
         k = knee_k_from_sorted(top.values, self.k_min, self.k_max)
-        return top.indices[:, : int(k.max())], k
+        return LedTopK(top.indices[:, : int(k.max()) if k.numel() else 0], k)
+
+
+@dataclass
+class DBiLDSelection:
+    """Every led branch of one DBiLD term over n rows, and the teacher's values at their ids.
+
+    The no-grad half of the loss: computed once per chunk (the teacher-led branch can be shared
+    by several terms on the same teacher rows) and kept, at `[n, ΣK]`, for a recompute in
+    backward that then needs neither the teacher logits nor any top-k.
+    """
+
+    sides: tuple[str, ...]  # "teacher" / "student", in `branches` order
+    branches: tuple[LedTopK, ...]
+    teacher_values: Tensor  # [n, ΣK] the teacher logits at the branches' ids side by side, float32
+
+    @property
+    def ids(self) -> Tensor:
+        """[n, ΣK]: one gather for every branch, so backward scatters into one `[n, V]` gradient."""
+        return torch.cat([branch.ids for branch in self.branches], dim=-1)
+
+    def stats(self, k_min: int) -> KStats:
+        k = dict(zip(self.sides, (branch.k for branch in self.branches), strict=True))
+        return KStats(k.get("teacher"), k.get("student"), k_min)
+
+
+def dbild_sides(directions: str) -> tuple[str, ...]:
+    check_choice("directions", directions, DIRECTIONS)
+    return tuple(side for side in ("teacher", "student") if directions in ("both", side))
+
+
+def select_dbild(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    rule: TopKRule,
+    sides: tuple[str, ...],
+    teacher_led: LedTopK | None = None,
+) -> DBiLDSelection:
+    """The led branches of `[n, V]` rows (no grad): ids by `rule` from the teacher (or the given
+    `teacher_led`, computed once for several terms) and from the student, and the teacher's
+    values at them. Nothing of size `[n, V]` is upcast."""
+    branches = []
+    for side in sides:
+        if side == "teacher":
+            branches.append(teacher_led if teacher_led is not None else rule.select(teacher_logits))
+        else:
+            branches.append(rule.select(student_logits))
+    ids = torch.cat([branch.ids for branch in branches], dim=-1)
+    values = upcast(teacher_logits.detach().gather(-1, ids))
+    return DBiLDSelection(sides, tuple(branches), values)
+
+
+def dbild_selected(
+    student_logits: Tensor,
+    selection: DBiLDSelection,
+    *,
+    temperature: float,
+    divergence: str,
+    pair_algorithm: str = "cumulative",
+    check_finite: bool = True,
+) -> Tensor:
+    """DBiLD per row `[n]` from the student logits `[n, V]` (differentiable) at the selected ids.
+
+    Float32 (float64 stays float64) on the gathered `[n, ΣK]` values only. `check_finite`:
+    raise on a non-finite row, naming the side; False returns it as is.
+    """
+    pair_kl = PAIR_KL[pair_algorithm]
+    student_values = upcast(student_logits.gather(-1, selection.ids))
+    teacher_values = selection.teacher_values
+    dtype = torch.promote_types(student_values.dtype, teacher_values.dtype)
+    widths = [branch.ids.shape[-1] for branch in selection.branches]
+    s_vals = (student_values.to(dtype) / temperature).split(widths, dim=-1)
+    t_vals = (teacher_values.to(dtype) / temperature).split(widths, dim=-1)
+    per_row = student_values.new_zeros(student_values.shape[:1], dtype=dtype)
+    for branch, s, t in zip(selection.branches, s_vals, t_vals, strict=True):
+        valid = torch.arange(t.shape[-1], device=t.device) < branch.k[:, None]
+        first, second = (s, t) if divergence == "rkl" else (t, s)
+        per_row = per_row + pair_kl(first, second, valid)
+    if check_finite:
+        raise_if_non_finite(per_row, student_values, teacher_values)
+    return per_row
 
 
 def dbild_loss(
@@ -101,6 +191,7 @@ def dbild_loss(
     reduction: Literal["mean", "sum", "none"] = "mean",
     pair_algorithm: Literal["cumulative", "explicit"] = "cumulative",
     return_stats: bool = False,
+    check_finite: bool = True,
 ) -> Tensor | DBiLDOutput:
     """DBiLD between student and teacher logits over the rows where `mask` is True.
 
@@ -129,6 +220,8 @@ def dbild_loss(
         pair_algorithm: `cumulative` (exact, O(k) per row; the default) or `explicit` (all O(k^2)
             pairs materialised; the reference, never for training).
         return_stats: return a `DBiLDOutput(loss, stats)` with the k chosen per row and branch.
+        check_finite: raise on a non-finite loss (naming the side); False returns it as is (the
+            trainer then decides, identically on every rank, whether to stop or skip the batch).
 
     The loss is computed in float32 whatever the input dtype (float64 stays float64).
     Raises `ValueError` on mismatched shapes, unknown options, and NaN/inf logits (naming the side).
@@ -141,28 +234,21 @@ def dbild_loss(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     student, teacher = select_rows(student_logits, teacher_logits, mask)
-    rule = _TopKRule.build(student.shape[-1], k_mode, kneedle_window, k_min, k_max, fixed_k)
-    pair_kl = PAIR_KL[pair_algorithm]
-    sides = [side for side in ("teacher", "student") if directions in ("both", side)]
-    branch_k: dict[str, Tensor | None] = {"teacher": None, "student": None}
+    rule = TopKRule.build(student.shape[-1], k_mode, kneedle_window, k_min, k_max, fixed_k)
+    sides = dbild_sides(directions)
     if student.shape[0] == 0:
-        per_row = student.sum(-1)  # [0]; keeps the graph connected so backward() works
+        per_row = upcast(student.sum(-1))  # [0]; keeps the graph connected so backward() works
+        stats = KStats(None, None, k_min)
     else:
-        selections = [
-            rule.select(teacher if side == "teacher" else student.detach()) for side in sides
-        ]
-        # One gather per side for both branches: backward then scatters into one [n, V] gradient.
-        ids = torch.cat([branch_ids for branch_ids, _ in selections], dim=-1)
-        widths = [branch_ids.shape[-1] for branch_ids, _ in selections]
-        t_vals = (teacher.gather(-1, ids) / temperature).split(widths, dim=-1)
-        s_vals = (student.gather(-1, ids) / temperature).split(widths, dim=-1)
-        per_row = 0
-        for side, (_, k), t, s in zip(sides, selections, t_vals, s_vals, strict=True):
-            valid = torch.arange(t.shape[-1], device=k.device) < k[:, None]
-            first, second = (s, t) if divergence == "rkl" else (t, s)
-            per_row = per_row + pair_kl(first, second, valid)
-            branch_k[side] = k
-        raise_if_non_finite(per_row, student, teacher)
-    stats = KStats(branch_k["teacher"], branch_k["student"], k_min)
+        selection = select_dbild(student, teacher, rule, sides)
+        per_row = dbild_selected(
+            student,
+            selection,
+            temperature=temperature,
+            divergence=divergence,
+            pair_algorithm=pair_algorithm,
+            check_finite=check_finite,
+        )
+        stats = selection.stats(k_min)
     loss = reduce_rows(per_row, reduction)
     return DBiLDOutput(loss, stats) if return_stats else loss

@@ -7,7 +7,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rows import check_choice, raise_if_non_finite, reduce_rows, select_rows
+from .rows import check_choice, raise_if_non_finite, reduce_rows, select_rows, upcast_pair
 
 KL_DIRECTIONS = ("forward", "reverse")
 
@@ -20,6 +20,7 @@ def full_kl_loss(
     temperature: float = 3.0,
     direction: Literal["forward", "reverse"] = "forward",
     reduction: Literal["mean", "sum", "none"] = "mean",
+    check_finite: bool = True,
 ) -> Tensor:
     """KL between teacher and student full-vocabulary softmaxes over the rows where mask is True.
 
@@ -29,16 +30,18 @@ def full_kl_loss(
     Args:
         student_logits, teacher_logits: `[..., V]` (the teacher is detached).
         mask: `[...]` bool or None (all rows). An all-False mask gives 0.
+        check_finite: raise on a non-finite loss (naming the side); False returns it as is.
     Computed in float32 (float64 stays float64). Returns a 0-dim tensor, or `[n]` for `none`.
     """
     check_choice("direction", direction, KL_DIRECTIONS)
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    student, teacher = select_rows(student_logits, teacher_logits, mask)
+    student, teacher = upcast_pair(*select_rows(student_logits, teacher_logits, mask))
     log_s = F.log_softmax(student / temperature, dim=-1)
     log_t = F.log_softmax(teacher / temperature, dim=-1)
     first, second = (log_t, log_s) if direction == "forward" else (log_s, log_t)
     per_row = F.kl_div(second, first, reduction="none", log_target=True).sum(-1)
-    raise_if_non_finite(per_row, student, teacher)
+    if check_finite:
+        raise_if_non_finite(per_row, student, teacher)
     return reduce_rows(per_row, reduction)

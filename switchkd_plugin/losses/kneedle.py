@@ -1,4 +1,4 @@
-"""Dynamic top-k by the Kneedle rule on sorted logits (DESIGN §2)."""
+"""Dynamic top-k by the Kneedle rule on sorted logits (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""KL divergence between the logit-difference pair distributions of one led top-k (DESIGN §2).
+"""KL divergence between the logit-difference pair distributions of one led top-k (docs/method.md).
 
 For values `v[0..k)` in led order, the pair distribution is `X_ij ∝ exp(v_i - v_j)` over `i < j`.
 Two implementations of `KL(X || Y)` for value rows `x` and `y` over the same ids:

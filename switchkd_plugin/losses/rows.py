@@ -23,7 +23,7 @@ def check_choice(name: str, value: str, valid: Sequence[str]) -> None:
 def select_rows(
     student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Flatten `[..., V]` logits to the `[n, V]` rows where `mask` is True, upcast for the loss.
+    """Flatten `[..., V]` logits to the `[n, V]` rows where `mask` is True, in their own dtype.
 
     The teacher rows are detached: no gradient ever reaches the teacher logits.
     """
@@ -53,6 +53,11 @@ def select_rows(
             raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
         rows = mask.reshape(-1)
         student, teacher = student[rows], teacher[rows]
+    return student, teacher
+
+
+def upcast_pair(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Both sides in the loss dtype: float32, or float64 when either side is float64."""
     dtype = torch.promote_types(upcast(student[:0]).dtype, upcast(teacher[:0]).dtype)
     return student.to(dtype), teacher.to(dtype)
 

@@ -1,0 +1,137 @@
+"""What the transformers VLM families with pre-expanded image tokens share.
+
+LLaVA-OneVision, InternVL, Gemma 3 and SmolVLM all end their image path the same way: the
+connector's output, flattened over images (and crops), is written in order into the positions of
+``config.image_token_id``, which the processor repeated exactly as often as there are features
+(``inputs_embeds.masked_scatter``). ``pathway_inputs`` therefore cuts the flat features at the
+batch's runs of image tokens and splices each run with ``splice_image_features``: the host's
+sequence, position for position. The count must match, as in the host; the switch needs the same
+vision encoder and token layout in both models anyway (``switch_fields``).
+
+Components hang off the inner model (``model.model``) in these classes; the head is
+``model.lm_head``. Each family's adapter supplies the vision encoder, the connector and the
+fields the switch needs equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+from switchkd_plugin.adapters.base import MultimodalInputs, SpliceRules, VLMAdapter
+from switchkd_plugin.adapters.splice import (
+    infer_padding_side,
+    placeholder_spans,
+    splice_image_features,
+)
+
+
+def config_values(config: Any, prefix: str, names: Sequence[str]) -> dict[str, Any]:
+    """``{f"{prefix}{name}": config.<name>}`` (None where the config lacks the name)."""
+    return {f"{prefix}{name}": getattr(config, name, None) for name in names}
+
+
+class ScatteredImageTokensAdapter(VLMAdapter):
+    """Base of the adapters whose host scatters flat image features into its image tokens."""
+
+    images_key: ClassVar[str] = "pixel_values"
+    host_class_name: ClassVar[str]  # "transformers.<Class>"
+
+    @classmethod
+    def host_class(cls) -> type | None:
+        """The transformers class, or None on releases without it."""
+        return getattr(transformers, cls.host_class_name.rsplit(".", 1)[1], None)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        host = cls.host_class()
+        return host is not None and isinstance(model, host)
+
+    @property
+    def parts(self) -> nn.Module:
+        """The inner model holding the vision tower, the connector and the language model."""
+        return self.model.model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def splice_rules(self, attention_mask: Tensor) -> SpliceRules:
+        return SpliceRules(
+            placeholder_id=self.image_token_id,
+            merge_runs=True,
+            text_only_consumes_image=False,
+            padding_side=infer_padding_side(attention_mask),
+        )
+
+    def _vision_input(self, pixel_values: Tensor) -> Tensor:
+        """Pixels on the vision encoder's device and dtype (the hosts leave fp32 pixels to the
+        caller; a bf16 tower needs the cast)."""
+        weight = next(self.vision_module.parameters())
+        return pixel_values.to(device=weight.device, dtype=weight.dtype)
+
+    # ------------------------------------------------------------------------------ splice
+
+    def image_runs(self, batch: dict) -> list[int]:
+        """Lengths of the runs of image tokens in the batch, row by row, in order."""
+        rules = self.splice_rules(batch["attention_mask"])
+        mask = batch["attention_mask"].bool()
+        return [
+            end - start
+            for ids, row_mask in zip(batch["input_ids"], mask, strict=True)
+            for start, end in placeholder_spans(ids[row_mask], rules)
+        ]
+
+    def split_at_image_tokens(
+        self, batch: dict, image_embeds: Tensor | Sequence[Tensor]
+    ) -> list[Tensor]:
+        """Flat image embeddings ([N, P, H] or tensors [P_i, H], in the host's order) cut into
+        one tensor per run of image tokens, cast to this LM's dtype and device."""
+        weight = self.input_embeddings.weight
+        parts = [image_embeds] if isinstance(image_embeds, Tensor) else list(image_embeds)
+        flat = torch.cat([part.reshape(-1, part.shape[-1]) for part in parts])
+        flat = flat.to(device=weight.device, dtype=weight.dtype)
+        runs = self.image_runs(batch)
+        if sum(runs) != flat.shape[0]:
+            raise ValueError(
+                f"the batch has {sum(runs)} image tokens (id {self.image_token_id}) but the "
+                f"connector produced {flat.shape[0]} image features; make the batch with the "
+                "processor of the model whose vision encoder and connector run on it (same "
+                "image size, crops and token count per image)"
+            )
+        return list(torch.split(flat, runs))
+
+    def pathway_inputs(self, batch: dict, image_embeds: Any) -> MultimodalInputs:
+        return self.build_inputs(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            self.split_at_image_tokens(batch, image_embeds),
+        )
+
+    def spliced_image_positions(self, batch: dict) -> Tensor:
+        """[B, S] bool: where ``pathway_inputs`` puts the image features (the same splice, on a
+        one-wide marker instead of the embeddings)."""
+        ids = batch["input_ids"]
+
+        def no_text(token_ids: Tensor) -> Tensor:
+            return torch.zeros(*token_ids.shape, 1, device=token_ids.device)
+
+        markers = [torch.ones(length, 1, device=ids.device) for length in self.image_runs(batch)]
+        spliced = splice_image_features(
+            ids,
+            batch["attention_mask"],
+            None,
+            markers,
+            no_text,
+            self.splice_rules(batch["attention_mask"]),
+        )
+        return spliced.inputs_embeds[..., 0] > 0.5

@@ -1,0 +1,137 @@
+"""Resuming from a Trainer checkpoint restores the student exactly, or refuses to.
+
+`Trainer._load_from_checkpoint` loads the saved state dict with `strict=False` and only warns
+about missing and unexpected keys. transformers 5.x saves some models (LLaVA among them) in
+their original key layout (`language_model.model.*`) while the live model uses the new one
+(`model.language_model.*`): every key misses, and training silently goes on from the initial
+weights. Here the saved keys are compared with the model's first; when they differ the
+checkpoint is read through the model class's own `from_pretrained` (which knows the layout
+conversions of its release), and anything still unmatched is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .teacher import DTYPE_KWARG
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = "pytorch_model.bin"
+TORCH_WEIGHTS_INDEX = "pytorch_model.bin.index.json"
+
+
+def saved_weight_keys(directory: str | Path) -> set[str] | None:
+    """The parameter names a checkpoint directory stores (None: no full-model weights there,
+    e.g. a PEFT adapter checkpoint, which the host loads itself)."""
+    directory = Path(directory)
+    for index_name in (SAFE_WEIGHTS_INDEX, TORCH_WEIGHTS_INDEX):
+        if (directory / index_name).is_file():
+            return set(json.loads((directory / index_name).read_text())["weight_map"])
+    if (directory / SAFE_WEIGHTS).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(directory / SAFE_WEIGHTS), framework="pt") as weights:
+            return set(weights.keys())
+    if (directory / TORCH_WEIGHTS).is_file():
+        return set(torch.load(directory / TORCH_WEIGHTS, map_location="cpu", weights_only=True))
+    return None
+
+
+def unmatched_keys(model: nn.Module, saved: set[str]) -> tuple[list[str], list[str]]:
+    """(missing, unexpected) of `saved` against `model.state_dict()`.
+
+    A key that is not saved is fine when its tensor is shared with one that is (tied weights,
+    e.g. an lm_head tied to the input embeddings: checkpoints store them once).
+    """
+    state = model.state_dict()
+    saved_storage = {state[key].data_ptr() for key in saved if key in state}
+    missing = sorted(
+        key for key in state if key not in saved and state[key].data_ptr() not in saved_storage
+    )
+    return missing, sorted(saved - set(state))
+
+
+def _examples(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+def load_translated(model: nn.Module, directory: str | Path) -> None:
+    """Load the checkpoint in `directory` into `model` through `type(model).from_pretrained`,
+    which maps a saved key layout onto the model's; raise unless every parameter is restored.
+
+    Costs one extra copy of the model on the CPU, for the duration of the load.
+    """
+    if not hasattr(type(model), "from_pretrained"):
+        raise _refusal(directory, "the model is not a transformers PreTrainedModel")
+    dtype = next(model.parameters()).dtype
+    loaded, info = type(model).from_pretrained(
+        str(directory), output_loading_info=True, **{DTYPE_KWARG: dtype}
+    )
+    problems = {
+        name.replace("_", " "): list(info.get(name) or ())
+        for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+    if any(problems.values()):
+        detail = "; ".join(f"{len(v)} {k} ({_examples(v)})" for k, v in problems.items() if v)
+        raise _refusal(directory, f"{type(model).__name__}.from_pretrained still finds {detail}")
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    logger.info("Switch-KD: resumed the model weights from %s (key layout converted)", directory)
+
+
+def _refusal(directory: str | Path, why: str) -> ValueError:
+    return ValueError(
+        f"resume_from_checkpoint {directory}: cannot restore the model's weights exactly ({why}); "
+        "refusing to resume rather than continue from the initial weights. Resume with the "
+        "transformers release that wrote the checkpoint, or start a new run from the saved "
+        "weights (--model_name_or_path / from_pretrained on that directory)"
+    )
+
+
+def restore_model(model: nn.Module, directory: str | Path) -> bool:
+    """Restore `model` from a checkpoint whose keys differ from the model's.
+
+    Returns False when the saved keys already match (the host's own loader is exact then),
+    True after a translated load; raises when neither restores every parameter.
+    """
+    saved = saved_weight_keys(directory)
+    if saved is None:
+        return False
+    missing, unexpected = unmatched_keys(model, saved)
+    if not missing and not unexpected:
+        return False
+    logger.warning(
+        "Switch-KD: the checkpoint %s stores %d keys the model does not have (e.g. %s) and lacks "
+        "%d it has (e.g. %s): loading it through %s.from_pretrained to convert the key layout",
+        directory,
+        len(unexpected),
+        _examples(unexpected),
+        len(missing),
+        _examples(missing),
+        type(model).__name__,
+    )
+    load_translated(model, directory)
+    return True
+
+
+@contextlib.contextmanager
+def numpy_rng_state_loadable():
+    """torch >= 2.6 loads with `weights_only=True` by default, which refuses the numpy arrays of
+    a Trainer's `rng_state.pth`; transformers < 4.47 calls `torch.load` without allowlisting
+    them, so resuming fails there. Allow exactly the numpy types that file holds."""
+    if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5 does not refuse them
+        yield
+        return
+    core = np._core if hasattr(np, "_core") else np.core
+    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        yield

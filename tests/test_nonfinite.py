@@ -1,0 +1,99 @@
+"""A NaN/inf loss term never reaches the weights: an error naming the term and where it went
+bad (`--nonfinite error`), or a micro-batch dropped with exactly zero gradient (`skip`)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from test_trainer import _trainer
+
+from switchkd_plugin.adapters import adapter_for
+from switchkd_plugin.testing import IGNORE_INDEX, make_host_batch
+
+
+def _poisoned(student, tokenizer, seed: int) -> dict:
+    """A batch whose images hold one NaN (a broken image file, a bad normalisation)."""
+    batch = make_host_batch(student, tokenizer, n=2, seed=seed)
+    batch[adapter_for(student).images_key].view(-1)[5] = float("nan")
+    return batch
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_ce_only_run_stops_on_a_nan_input_naming_the_side_and_the_input(
+    models, tiny_tokenizer, tmp_path
+):
+    student, _ = models
+    key = adapter_for(student).images_key
+    trainer = _trainer(
+        copy.deepcopy(student), tiny_tokenizer, [_poisoned(student, tiny_tokenizer, 0)],
+        tmp_path, w_align=0.0, w_vsd=0.0,
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError) as error:
+        trainer.train()
+    text = str(error.value)
+    assert "non-finite ce (student) at step 0" in text
+    assert f"first non-finite: the batch's `{key}`" in text
+    assert "pixel_values" in text and "learning rate too high" in text and "fp16" in text
+    _same_weights(trainer.model, student)  # no optimizer step applied it
+
+
+def test_a_nan_teacher_is_named_with_the_terms_it_breaks(models, tiny_tokenizer, tmp_path):
+    student, teacher = models
+    next(adapter_for(teacher).connector.parameters()).data.view(-1)[0] = float("nan")
+    trainer = _trainer(
+        copy.deepcopy(student), tiny_tokenizer, [make_host_batch(student, tiny_tokenizer, n=2)],
+        tmp_path, teacher=teacher,
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError) as error:
+        trainer.train()
+    text = str(error.value)
+    assert "align (student vs teacher), vsd (switch vs teacher)" in text
+    assert "ce (student)" not in text
+    assert "the teacher pathway's connector output" in text
+    assert "the switch pathway's connector output" in text
+    _same_weights(trainer.model, student)
+
+
+def test_skip_drops_the_batch_with_exactly_zero_gradient_and_counts_it(
+    models, tiny_tokenizer, tmp_path, caplog
+):
+    student, teacher = models
+    good = [make_host_batch(student, tiny_tokenizer, n=2, seed=s) for s in (1, 2)]
+    # The reference sees a batch whose every label is ignored: terms 0, gradient exactly 0.
+    empty = copy.deepcopy(good[0])
+    empty["labels"] = torch.full_like(empty["labels"], IGNORE_INDEX)
+    runs = {}
+    for name, middle in (("skip", _poisoned(student, tiny_tokenizer, 3)), ("reference", empty)):
+        trainer = _trainer(
+            copy.deepcopy(student), tiny_tokenizer, [good[0], middle, good[1]], tmp_path,
+            teacher=teacher, nonfinite="skip", training={"max_steps": 3},
+        )  # fmt: skip
+        with caplog.at_level(logging.WARNING, logger="switchkd_plugin"):
+            trainer.train()
+        runs[name] = trainer
+    assert "skipping this micro-batch (1 in a row)" in caplog.text
+    _same_weights(runs["skip"].model, runs["reference"].model)
+    logs = [e for e in runs["skip"].state.log_history if "nonfinite_skipped" in e]
+    assert [e["nonfinite_skipped"] for e in logs] == [
+        e["distilled_tokens"] == 0 for e in runs["reference"].state.log_history if "ce" in e
+    ]  # the skipped step is the one the reference saw empty
+    assert all(v == v for e in logs for k, v in e.items() if k in ("ce", "align", "vsd", "loss"))
+
+
+def test_skip_stops_after_the_given_number_in_a_row(hf_student, tiny_tokenizer, tmp_path):
+    batches = [_poisoned(hf_student, tiny_tokenizer, seed) for seed in range(4)]
+    trainer = _trainer(
+        copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path, w_align=0.0, w_vsd=0.0,
+        nonfinite="skip", nonfinite_max_in_a_row=3, training={"max_steps": 4},
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"Stopped after 3 such micro-batches in a row"):
+        trainer.train()
+    assert trainer.state.global_step == 2  # two skipped steps, the third stops the run
+    _same_weights(trainer.model, hf_student)  # SGD on zero gradients moves nothing
