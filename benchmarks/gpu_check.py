@@ -18,6 +18,10 @@ Checks (small models built offline, nothing downloaded):
   depth_memory    the step's extra peak memory (max allocated) at teacher depth 8 over depth
                   2, per-layer teacher checkpointing on (<= 1.3x) and off
   speed           fast DBiLD vs full-vocabulary KL at V = 151,936 (time ratio, same run)
+  qlora           TinyLLaVA Factory's QLoRA recipe (--training_recipe qlora_int8, 8-bit LLM +
+                  LoRA) with --distill switchkd through the patched train.py; the saved student
+                  loads with the Factory's load_pretrained_model and generates (needs
+                  bitsandbytes and a Factory checkout on PYTHONPATH; SKIP otherwise)
 """
 
 from __future__ import annotations
@@ -237,6 +241,74 @@ def check_speed() -> str:
     )
 
 
+class Skip(Exception):
+    """A check that cannot run on this machine (the message says why)."""
+
+
+def check_qlora() -> str:
+    import importlib.util
+    import shutil
+
+    needs = {"bitsandbytes": "pip install bitsandbytes",
+             "tinyllava": "put a TinyLLaVA Factory checkout on PYTHONPATH"}  # fmt: skip
+    for module, fix in needs.items():
+        if importlib.util.find_spec(module) is None:
+            raise Skip(f"{module} is not importable ({fix})")
+    from switchkd_plugin.demo import ShapesTaskConfig, write_llava_dataset
+    from switchkd_plugin.factory_compat import import_tinyllava
+    from switchkd_plugin.factory_patch import main as patch_command
+    from switchkd_plugin.testing import (
+        build_tinyllava,
+        build_tokenizer,
+        student_spec,
+        teacher_spec,
+        write_tinyllava_components,
+    )
+
+    source = Path(next(iter(import_tinyllava().__path__))).parent
+    with tempfile.TemporaryDirectory(prefix="switchkd-qlora-") as tmp:
+        root = Path(tmp)
+        factory = root / "TinyLLaVA_Factory"
+        shutil.copytree(source / "tinyllava", factory / "tinyllava")
+        assert patch_command(["apply", str(factory)]) == 0
+        tokenizer = build_tokenizer()
+        teacher = build_tinyllava(teacher_spec(), tokenizer, root)
+        teacher.save_pretrained(root / "teacher-ckpt")
+        tokenizer.save_pretrained(root / "teacher-ckpt")
+        llm, vision = write_tinyllava_components(student_spec(), tokenizer, root)
+        data = write_llava_dataset(ShapesTaskConfig(num_train=16, num_val=4, num_test=4),
+                                   root / "data")  # fmt: skip
+        out = root / "student-qlora-finetune"  # 'lora': the Factory's loader merges adapters
+        # The flags of the Factory's scripts/train/lora/finetune_qlora.sh, vision tower trained.
+        args = ["--distill", "switchkd", "--teacher_model_path", str(root / "teacher-ckpt"),
+                "--data_path", str(data.train), "--image_folder", str(data.image_folder),
+                "--is_multimodal", "True", "--conv_version", "qwen2_instruct",
+                "--model_name_or_path", str(llm), "--vision_tower", str(vision),
+                "--vision_tower2", "", "--connector_type", "mlp2x_gelu",
+                "--mm_vision_select_layer", "-2", "--image_aspect_ratio", "square",
+                "--attn_implementation", "sdpa", "--bf16", "True",
+                "--training_recipe", "qlora_int8", "--tune_type_llm", "qlora",
+                "--tune_type_vision_tower", "full", "--tune_type_connector", "full",
+                "--lora_r", "8", "--lora_alpha", "16", "--output_dir", str(out),
+                "--max_steps", "3", "--per_device_train_batch_size", "2",
+                "--learning_rate", "2e-4", "--model_max_length", "256", "--report_to", "none",
+                "--save_strategy", "no", "--logging_steps", "1",
+                "--lazy_preprocess", "True"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(factory), str(ROOT)])}
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node=1", "tinyllava/train/train.py", *args]  # fmt: skip
+        run = subprocess.run(command, cwd=factory, env=env, capture_output=True, text=True,
+                             timeout=400)  # fmt: skip
+        log = run.stdout + run.stderr
+        assert run.returncode == 0, log[-3000:]
+        assert "'vsd'" in log, "no Switch-KD term logged"
+        from test_factory_train import _generate_from_an_image
+
+        # What the Factory's eval scripts do: load_pretrained_model (merged), image, generate.
+        _generate_from_an_image(out, {"test": data.test, "images": data.image_folder})
+        return "3 QLoRA Switch-KD steps; the merged student loads and generates"
+
+
 CHECKS = {
     "dbild_bf16": check_dbild_bf16,
     "attention": check_attention,
@@ -245,6 +317,7 @@ CHECKS = {
     "autocast_bf16": check_autocast_bf16,
     "depth_memory": check_depth_memory,
     "speed": check_speed,
+    "qlora": check_qlora,
 }
 
 
@@ -261,6 +334,8 @@ def main() -> int:
         try:
             detail = CHECKS[name]()
             status = "PASS"
+        except Skip as reason:
+            detail, status = str(reason), "SKIP"
         except Exception as error:  # report every check, then fail overall
             detail, status = f"{type(error).__name__}: {error}", "FAIL"
             failed += 1

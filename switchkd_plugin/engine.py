@@ -1,4 +1,4 @@
-"""The Switch-KD objective on one batch: teacher, student and visual-switch passes (DESIGN §2).
+"""The Switch-KD objective on one batch: teacher, student and visual-switch passes (docs/method.md).
 
     feats = V_S(x)                                  computed once, shared by two pathways
     z_S   = L_S(P_S(feats), text)                   student

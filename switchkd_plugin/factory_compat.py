@@ -23,6 +23,10 @@ present and is a no-op otherwise:
   which has the same length).
 - transformers 5.x rejects ``Trainer(tokenizer=...)``, which the Factory's ``train()`` passes
   (after: ``LLaVATrainer`` forwards it as ``processing_class``).
+- The LoRA recipe (``tinyllava.training_recipe.lora_recipe``, after) asks ``model.peft_config is
+  None`` to decide whether to add adapters; no transformers release the Factory runs on gives a
+  model without adapters that attribute, so the recipe raises ``AttributeError`` before training.
+  A model without the attribute is treated as having no adapters (what the check means).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import Any
 _FORMATTER_MODULE = "tinyllava.data.template.formatter"
 _QFORMER_MODULE = "tinyllava.model.connector.qformer"
 _MODELING_MODULE = "tinyllava.model.modeling_tinyllava"
+_LORA_RECIPE_MODULE = "tinyllava.training_recipe.lora_recipe"
 _TRAINER_MODULE = "tinyllava.train.tinyllava_trainer"
 # What the Factory's own training and data code needs; importing them proves the fixes worked.
 _FACTORY_MODULES = ("tinyllava.model", "tinyllava.data", "tinyllava.utils")
@@ -177,6 +182,41 @@ def _fix_trainer(module: types.ModuleType) -> None:
         trainer.__init__ = __init__
 
 
+def _fix_lora_recipe(module: types.ModuleType) -> None:
+    """``LoRATrainingRecipe.training_model_converse`` on a model without ``peft_config``.
+
+    The recipe reads ``model.peft_config`` and then calls ``get_peft_model(model, ...)``; peft
+    must not find the attribute (it would extend it as a dict). So the model carries
+    ``peft_config = None`` only for the recipe's check, and loses it before peft sees it.
+    """
+    recipe = module.LoRATrainingRecipe
+    original = recipe.training_model_converse
+    if getattr(original, "_switchkd_compat", False):
+        return
+    get_peft_model = module.get_peft_model
+
+    def _drop_placeholder(model: Any) -> None:
+        if "peft_config" in vars(model) and model.peft_config is None:
+            del model.peft_config
+
+    def get_peft_model_without_placeholder(model: Any, *args: object, **kwargs: object) -> Any:
+        _drop_placeholder(model)
+        return get_peft_model(model, *args, **kwargs)
+
+    def training_model_converse(self: Any, model: Any) -> Any:
+        if hasattr(model, "peft_config"):  # the recipe's own check works: nothing to fix
+            return original(self, model)
+        model.peft_config = None  # "no adapters yet": the recipe adds them
+        try:
+            return original(self, model)
+        finally:
+            _drop_placeholder(model)
+
+    training_model_converse._switchkd_compat = True
+    module.get_peft_model = get_peft_model_without_placeholder
+    recipe.training_model_converse = training_model_converse
+
+
 _BEFORE: dict[str, Callable[[], None]] = {
     _QFORMER_MODULE: _export_moved_helpers,
     _TRAINER_MODULE: _export_layernorm_layers,
@@ -185,6 +225,7 @@ _AFTER: dict[str, Callable[[types.ModuleType], None]] = {
     _FORMATTER_MODULE: _make_dataclasses_hashable,
     _MODELING_MODULE: _fix_model,
     _TRAINER_MODULE: _fix_trainer,
+    _LORA_RECIPE_MODULE: _fix_lora_recipe,
 }
 
 

@@ -55,12 +55,41 @@ def _has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of the last `flag VALUE` / `flag=VALUE` in argv (argparse: the last one wins)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def check_quantized_recipe(argv: list[str]) -> None:
+    """`--training_recipe qlora_*` loads the LLM quantized by bitsandbytes, which runs on CUDA
+    GPUs only: without one (or without bitsandbytes) stop before any model is loaded."""
+    recipe = _flag_value(argv, "--training_recipe") or ""
+    if not recipe.lower().startswith("qlora"):
+        return
+    missing = [] if torch.cuda.is_available() else ["a CUDA GPU"]
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes (pip install bitsandbytes)")
+    if missing:
+        raise SystemExit(
+            f"Switch-KD: --training_recipe {recipe} quantizes the language model with "
+            f"bitsandbytes, which needs {' and '.join(missing)}; here, use --training_recipe "
+            "lora (the same adapters over an unquantized model)"
+        )
+
+
 def train() -> None:
     """Run TinyLLaVA Factory's training with Switch-KD (argv: the Factory's flags + ours)."""
     logging.basicConfig(level=logging.INFO)
+    switchkd_args, rest = parse_switchkd_args(sys.argv[1:])
+    check_quantized_recipe(rest)
     factory_train = importlib.import_module("tinyllava.train.train")
     trainer_module = importlib.import_module("tinyllava.train.tinyllava_trainer")
-    switchkd_args, rest = parse_switchkd_args(sys.argv[1:])
     switchkd_args = dataclasses.replace(switchkd_args, distill="switchkd")  # re-validates
     trainer_class = switchkd_trainer_class(trainer_module.LLaVATrainer)
     # The Factory's train() builds `LLaVATrainer(model=..., tokenizer=..., args=..., **data)`.

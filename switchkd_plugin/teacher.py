@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 import transformers
 from packaging import version
 from torch import nn
 
+from .adapters import adapter_class_for
 from .checks import check_teacher_path, check_teacher_weights
 
 logger = logging.getLogger(__name__)
@@ -47,16 +50,15 @@ def load_teacher(
     Under ZeRO-3, transformers partitions a model as it loads it; `partitioned=False` loads the
     full weights instead (`--teacher_zero3 replicate`).
     """
+    if is_lora_checkpoint(path):
+        return load_lora_teacher(
+            path, model_class, dtype, attn_implementation, vision_attn_implementation, partitioned
+        )
     directory = check_teacher_path(path)
     check_teacher_weights(directory)
     try:
         config = model_class.config_class.from_pretrained(str(directory))
-        for part, choice in (
-            (getattr(config, "text_config", config), attn_implementation),
-            (getattr(config, "vision_config", None), vision_attn_implementation),
-        ):
-            if part is not None and choice:
-                part._attn_implementation = choice
+        _set_attention(config, attn_implementation, vision_attn_implementation)
         logger.info("Switch-KD: loading the teacher %s from %s", model_class.__name__, directory)
         with nullcontext() if partitioned else _zero3_init_disabled():
             teacher = model_class.from_pretrained(
@@ -68,6 +70,76 @@ def load_teacher(
             f"({error}); the teacher must be a saved checkpoint of the student's model family"
         ) from error
     return teacher
+
+
+def _set_attention(config, attn_implementation: str | None, vision_attn: str | None) -> None:
+    for part, choice in (
+        (getattr(config, "text_config", config), attn_implementation),
+        (getattr(config, "vision_config", None), vision_attn),
+    ):
+        if part is not None and choice:
+            part._attn_implementation = choice
+
+
+# ------------------------------------------------------------ teachers saved as LoRA adapters
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_lora_checkpoint(path: str | None) -> bool:
+    """A directory with ``adapter_config.json``: PEFT adapters (TinyLLaVA Factory's LoRA recipe
+    writes one, beside the base weights; ``PeftModel.save_pretrained`` writes one alone)."""
+    return bool(path) and (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def lora_base_path(path: str) -> str:
+    """``base_model_name_or_path`` of the adapters in ``path`` (where their base model lives)."""
+    with open(Path(path).expanduser() / ADAPTER_CONFIG, encoding="utf-8") as handle:
+        base = json.load(handle).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(
+            f"--teacher_model_path {path}: a LoRA adapter directory whose {ADAPTER_CONFIG} names "
+            "no base model (base_model_name_or_path) and holds no base weights; set "
+            "base_model_name_or_path to the base checkpoint, or pass the merged teacher"
+        )
+    return base
+
+
+def load_lora_teacher(
+    path: str,
+    model_class: type,
+    dtype: torch.dtype,
+    attn_implementation: str | None,
+    vision_attn_implementation: str | None = None,
+    partitioned: bool = True,
+) -> nn.Module:
+    """A teacher saved as LoRA adapters, merged: base weights, cast to ``dtype``, then the
+    adapters loaded and merged, as TinyLLaVA Factory's ``load_pretrained_model`` does.
+
+    The base is what the host saved inside the directory (the Factory's LoRA recipe:
+    ``VLMAdapter.load_lora_base``), else the checkpoint ``base_model_name_or_path`` names
+    (a PEFT adapter directory over a Hugging Face model), loaded as any teacher.
+    """
+    try:
+        from peft import PeftModel
+    except ImportError as error:
+        raise ImportError(
+            f"--teacher_model_path {path} holds LoRA adapters ({ADAPTER_CONFIG}); loading them "
+            "needs peft: pip install -e '.[peft]'"
+        ) from error
+    directory = Path(path).expanduser()
+    config = None
+    if (directory / "config.json").is_file():
+        config = model_class.config_class.from_pretrained(str(directory))
+        _set_attention(config, attn_implementation, vision_attn_implementation)
+    base = adapter_class_for(model_class).load_lora_base(directory, model_class, config)
+    if base is None:
+        base = load_teacher(
+            lora_base_path(path), model_class, dtype, attn_implementation,
+            vision_attn_implementation, partitioned,
+        )  # fmt: skip
+    logger.info("Switch-KD: merging the teacher's LoRA adapters from %s", directory)
+    return PeftModel.from_pretrained(base.to(dtype), str(directory)).merge_and_unload()
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import fields, replace
 from itertools import islice
+from pathlib import Path
 
 import torch
 import transformers
@@ -42,7 +43,7 @@ from .nonfinite import (
     zero_gradient_loss,
 )
 from .resume import check_resume_settings, numpy_rng_state_loadable, restore_model
-from .teacher import freeze, load_teacher, teacher_dtype
+from .teacher import freeze, is_lora_checkpoint, load_teacher, lora_base_path, teacher_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,9 @@ class SwitchKDTrainerMixin:
             `switchkd_args.teacher_model_path` with the student's class.
         teacher_tokenizer: the teacher's tokenizer; by default the teacher's own `.tokenizer`
             (TinyLLaVA) or the one saved beside its weights.
+        peft_config: a `peft.PeftConfig` (e.g. `LoraConfig`), as TRL's trainers take it: the
+            student is wrapped with `get_peft_model` before the Trainer sees it, so only the
+            adapters (and `modules_to_save`) train. A `PeftModel` student works as is.
 
     The teacher is frozen, in eval mode, and kept on the trainer: it is never a submodule of
     the student, never saved with it, never handed to the optimizer.
@@ -179,8 +183,11 @@ class SwitchKDTrainerMixin:
         switchkd_args: SwitchKDArguments | None = None,
         teacher_model: nn.Module | None = None,
         teacher_tokenizer=None,
+        peft_config=None,
         **kwargs,
     ) -> None:
+        if peft_config is not None:
+            args, kwargs = _with_peft_student(args, kwargs, peft_config)
         super().__init__(*args, **kwargs)
         self.switchkd_args = _settings(self.args, switchkd_args)
         self.teacher: nn.Module | None = None
@@ -245,6 +252,8 @@ class SwitchKDTrainerMixin:
         if tokenizer is not None:
             return tokenizer
         path = self.switchkd_args.teacher_model_path
+        if is_lora_checkpoint(path) and not (Path(path) / "tokenizer_config.json").is_file():
+            path = lora_base_path(path)  # adapters saved without a tokenizer: the base's
         directory = check_teacher_path(path)
         check_teacher_tokenizer_files(directory)
         try:
@@ -530,6 +539,39 @@ def _settings(
             )
         return SwitchKDArguments(**{name: getattr(args, name) for name in SWITCHKD_FIELDS})
     return switchkd_args or SwitchKDArguments()
+
+
+def _with_peft_student(args: tuple, kwargs: dict, peft_config) -> tuple[tuple, dict]:
+    """The Trainer's arguments with the student (`model`, first positional or keyword) wrapped
+    by `peft.get_peft_model(student, peft_config)`."""
+    try:
+        import peft
+    except ImportError as error:
+        raise ImportError(
+            "peft_config= needs peft: pip install -e '.[peft]' (or pip install peft)"
+        ) from error
+    model = args[0] if args else kwargs.get("model")
+    if model is None:
+        raise ValueError("peft_config= needs the student model (model=) to wrap")
+    if isinstance(model, peft.PeftModel):
+        raise ValueError(
+            "the student is already a PeftModel: pass either the PeftModel or peft_config=, "
+            "not both"
+        )
+    model = peft.get_peft_model(model, peft_config)
+    training_args = args[1] if len(args) > 1 else kwargs.get("args")
+    if getattr(training_args, "gradient_checkpointing", False):
+        # Reentrant checkpointing back-propagates into a checkpointed block only when its input
+        # requires grad. With frozen embeddings (LLM and vision patch embeddings alike) the
+        # adapters inside would get no gradient: checkpoint non-reentrantly unless told
+        # otherwise, and otherwise make the LLM's embeddings require grad, as TRL does.
+        options = dict(training_args.gradient_checkpointing_kwargs or {})
+        if options.setdefault("use_reentrant", False):
+            model.enable_input_require_grads()
+        training_args.gradient_checkpointing_kwargs = options
+    if args:
+        return (model, *args[1:]), kwargs
+    return args, {**kwargs, "model": model}
 
 
 def _attn_of(module: nn.Module) -> str | None:

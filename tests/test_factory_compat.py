@@ -2,7 +2,7 @@
 
 The Factory tests skip, with the reason, where it is not importable (see ``conftest.py``). Run this
 file under each transformers release of interest: each fix must be applied exactly from the
-release that broke the Factory (DESIGN §5) and be a no-op before it.
+release that broke the Factory and be a no-op before it.
 """
 
 from __future__ import annotations
@@ -250,3 +250,66 @@ def test_factory_model_and_trainer_train(
         not torch.equal(before, after)
         for before, after in zip(connector_before, model.connector.parameters(), strict=True)
     )
+
+
+@pytest.fixture
+def one_process_group(tinyllava_factory: types.ModuleType, tmp_path: Path):
+    """The Factory's ``log()`` asks torch.distributed for the rank (a 1-process gloo group)
+    and writes to the logger its ``train()`` sets up."""
+    import torch.distributed as dist
+    from tinyllava.utils import logger_setting
+
+    logger_setting(str(tmp_path))
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _lora_recipe(tmp_path: Path, vision: str):
+    from tinyllava.training_recipe.lora_recipe import LoRATrainingRecipe
+    from tinyllava.utils.arguments import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], lora_r=4,
+                             lora_alpha=8, tune_type_llm="lora", tune_type_vision_tower=vision,
+                             tune_type_connector="full")  # fmt: skip
+    return LoRATrainingRecipe(args)
+
+
+def test_lora_recipe_adds_adapters_to_a_model_without_peft_config(
+    tinyllava_student: torch.nn.Module, one_process_group: None, tmp_path: Path
+) -> None:
+    """The Factory's LoRA recipe raised AttributeError (``model.peft_config``) on every release
+    it runs on; fixed, it wraps the model as it means to, and leaves no placeholder behind."""
+    import peft
+
+    model = copy.deepcopy(tinyllava_student)
+    assert not hasattr(model, "peft_config")  # the breakage: present on 4.40.1 and 5.x alike
+    wrapped = _lora_recipe(tmp_path, "lora")(model)
+    assert isinstance(wrapped, peft.PeftModel)
+    assert isinstance(wrapped.get_base_model().peft_config, dict)  # peft's, not our None
+    trainable = {name.split(".")[2] for name, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable == {"language_model", "vision_tower", "connector"}
+    assert all(
+        "lora_" in name or ".connector." in name
+        for name, p in wrapped.named_parameters()
+        if p.requires_grad
+    )
+
+
+def test_lora_recipe_fix_is_a_no_op_where_the_check_works(
+    tinyllava_student: torch.nn.Module, one_process_group: None, tmp_path: Path
+) -> None:
+    """A model that has ``peft_config`` (already PEFT-wrapped) goes to the recipe's own code,
+    which keeps it as it is; fixing twice changes nothing."""
+    import tinyllava.training_recipe.lora_recipe as lora_recipe
+
+    once = lora_recipe.LoRATrainingRecipe.training_model_converse
+    assert getattr(once, "_switchkd_compat", False)
+    # A recipe converts once (it edits its own skip list): one per call.
+    wrapped = _lora_recipe(tmp_path, "frozen").training_model_converse(
+        copy.deepcopy(tinyllava_student)
+    )
+    assert _lora_recipe(tmp_path, "frozen").training_model_converse(wrapped) is wrapped
+    factory_compat._fix_lora_recipe(lora_recipe)
+    assert lora_recipe.LoRATrainingRecipe.training_model_converse is once

@@ -69,7 +69,8 @@ def _train(factory: Path, ws: dict[str, Path], out: Path, processes: int, *extra
         "--lazy_preprocess", "True", *extra,
     ]  # fmt: skip
     no_shm = Path(__file__).with_name("deepspeed_no_shm")  # skips a 40-60 s DeepSpeed JIT build
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(factory), str(no_shm)]),
+    # ROOT: the subprocess runs this checkout's plugin, whichever copy is installed.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(factory), str(ROOT), str(no_shm)]),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={processes}", "tinyllava/train/train.py", *args]  # fmt: skip
@@ -109,6 +110,99 @@ def test_finetune_under_deepspeed_saves_a_loadable_student(
         _generate_from_an_image(out, workspace)
 
 
+LORA_FLAGS = ("--training_recipe", "lora", "--tune_type_llm", "lora", "--lora_r", "4",
+              "--lora_alpha", "8", "--lora_dropout", "0.0")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("processes", "vision", "extra"),
+    [(1, "lora", ("--w_ce", "0", "--w_align", "0")),
+     (2, "full", ("--deepspeed", str(ROOT / "configs" / "zero2.json"),
+                  "--gradient_checkpointing", "True"))],
+    ids=["vision-lora-vsd-only-1", "llm-lora-zero2-checkpointing-2"],
+)  # fmt: skip
+def test_lora_recipe_saves_a_student_the_factory_loader_merges(
+    factory, workspace, pretrained_student, tmp_path, processes, vision, extra
+):
+    """The Factory's LoRA recipe (as in scripts/train/lora/finetune_lora.sh) with Switch-KD.
+
+    vision-lora-vsd-only: only the switch term trains, so the vision tower's LoRA weights move
+    (the switch gradient reaches them) and the LLM's do not. llm-lora-zero2: every term, two
+    ranks under ZeRO-2, with gradient checkpointing as the Factory's LoRA scripts run.
+    """
+    if "--deepspeed" in extra:
+        pytest.importorskip("deepspeed", reason="deepspeed is not installed")
+    out = tmp_path / "student-lora-finetune"  # 'lora' in the name: the Factory's loader merges
+    log = _train(factory, workspace, out, processes, *LORA_FLAGS, "--tune_type_vision_tower",
+                 vision, "--pretrained_model_path", str(pretrained_student), *extra)  # fmt: skip
+    assert "'vsd'" in log
+    adapters = _check_lora_checkpoint(out)
+    moved = {name for name, value in adapters.items() if "lora_B" in name and value.any()}
+    vision_moved = {name for name in moved if ".vision_tower." in name}
+    llm_moved = {name for name in moved if ".language_model." in name}
+    if vision == "lora":
+        assert vision_moved, "the switch term's gradient did not reach the vision-tower LoRA"
+        assert not llm_moved, f"VSD alone moved LLM LoRA weights: {sorted(llm_moved)[:3]}"
+    else:
+        assert llm_moved and not vision_moved
+    _generate_from_an_image(out, workspace)
+    _check_loads_as_a_merged_teacher(out)
+
+
+def _check_loads_as_a_merged_teacher(checkpoint: Path) -> None:
+    """The LoRA checkpoint as --teacher_model_path: merged, it equals what the Factory's loader
+    returns (which merges in float16), tensor for tensor."""
+    from tinyllava.model import TinyLlavaForConditionalGeneration
+    from tinyllava.model.load_model import load_pretrained_model
+
+    from switchkd_plugin.teacher import load_teacher
+
+    ours = load_teacher(str(checkpoint), TinyLlavaForConditionalGeneration, torch.float16, "eager")
+    factory = load_pretrained_model(str(checkpoint), device="cpu")[0].state_dict()
+    assert ours.state_dict().keys() == factory.keys()
+    for name, value in ours.state_dict().items():
+        torch.testing.assert_close(value, factory[name], rtol=0, atol=0, msg=name)
+
+
+def _check_lora_checkpoint(out: Path) -> dict[str, torch.Tensor]:
+    """The files the LoRA recipe writes, each holding student tensors only (no teacher weight:
+    every tensor has the shape of the student's parameter of that name). Returns the adapters."""
+    from safetensors.torch import load_file
+    from tinyllava.model.load_model import load_base_ckp_for_lora, load_pretrained_model
+
+    model = load_pretrained_model(str(out), device="cpu")[0]
+    components = {
+        "language_model": model.language_model,
+        "vision_tower": model.vision_tower._vision_tower,
+        "connector": model.connector,
+    }
+    for name, module in components.items():
+        expected = {key: value.shape for key, value in module.state_dict().items()}
+        saved = load_base_ckp_for_lora(out / name / "pytorch_model.bin")
+        assert saved and {key: value.shape for key, value in saved.items()}.items() <= (
+            expected.items()
+        ), f"{name}: tensors that are not the student's"
+    adapter_files = sorted(out.glob("adapter_model.*"))
+    assert (out / "adapter_config.json").is_file() and len(adapter_files) == 1
+    if adapter_files[0].suffix == ".safetensors":
+        adapters = load_file(adapter_files[0])
+    else:
+        adapters = torch.load(adapter_files[0], map_location="cpu")
+    merged = dict(model.named_modules())
+    for key, value in adapters.items():
+        assert "lora_" in key, key
+        target = merged[key.removeprefix("base_model.model.").split(".lora_")[0]]
+        side = 1 if ".lora_A." in key else 0  # A: [r, in], B: [out, r]
+        width = target.in_features if side else target.out_features
+        assert value.shape[side] == width, f"{key}: not a LoRA of the student's layer"
+    written = {p.relative_to(out).as_posix() for p in out.rglob("*")
+               if p.suffix in (".bin", ".safetensors", ".pt", ".pth")}  # fmt: skip
+    assert written == {f"{name}/pytorch_model.bin" for name in components} | {
+        adapter_files[0].name
+    }, written
+    return adapters
+
+
 def _generate_from_an_image(checkpoint: Path, workspace: dict[str, Path]) -> None:
     """What the Factory's eval scripts do: load_pretrained_model, template, image, generate."""
     from PIL import Image
@@ -143,3 +237,15 @@ def test_factory_eval_modules_run_through_the_fixing_runner(factory):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--model-path" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs QLoRA (gpu_check.py)")
+def test_qlora_recipe_stops_before_loading_without_a_gpu(factory, workspace, tmp_path):
+    """bitsandbytes quantization needs a CUDA GPU: the run stops first, saying what to use."""
+    args = ["--training_recipe", "qlora_int8", "--tune_type_llm", "qlora"]
+    with pytest.raises(AssertionError) as failed:
+        _train(factory, workspace, tmp_path / "student-qlora-finetune", 1, *args)
+    log = str(failed.value)
+    assert "--training_recipe qlora_int8 quantizes the language model" in log
+    assert "a CUDA GPU" in log and "--training_recipe lora" in log
+    assert "loading language model" not in log  # stopped before the Factory built anything

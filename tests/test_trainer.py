@@ -78,6 +78,7 @@ def _trainer(
     teacher=None,
     trainer_class=SwitchKDTrainer,
     training=None,
+    peft_config=None,
     **switchkd,
 ):
     kwargs = dict(
@@ -94,6 +95,8 @@ def _trainer(
         kwargs.update(switchkd_args=SwitchKDArguments(**switchkd), teacher_model=teacher)
         if teacher is not None:
             kwargs["teacher_tokenizer"] = tokenizer
+    if peft_config is not None:
+        kwargs["peft_config"] = peft_config
     return trainer_class(**kwargs)
 
 

@@ -38,9 +38,22 @@ __all__ = [
     "SpliceRules",
     "TinyLlavaAdapter",
     "VLMAdapter",
+    "adapter_class_for",
     "adapter_for",
     "splice_image_features",
 ]
+
+
+def adapter_class_for(model_class: type) -> type[VLMAdapter]:
+    """The adapter class for models of ``model_class``; TypeError for an unsupported one."""
+    for adapter_class in ADAPTERS:
+        if adapter_class.supports_class(model_class):
+            return adapter_class
+    supported = ", ".join(adapter_class.host_class_name for adapter_class in ADAPTERS)
+    raise TypeError(
+        f"no Switch-KD adapter for {model_class.__module__}.{model_class.__qualname__}; "
+        f"supported: {supported}"
+    )
 
 
 def adapter_for(model: nn.Module) -> VLMAdapter:
@@ -51,16 +64,11 @@ def adapter_for(model: nn.Module) -> VLMAdapter:
     """
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
-    for adapter_class in ADAPTERS:
-        if adapter_class.supports(model):
-            return adapter_class(model)
-    supported = ", ".join(adapter_class.host_class_name for adapter_class in ADAPTERS)
-    hint = (
-        " (a DDP/DeepSpeed wrapper? pass the wrapped model, e.g. `.module`)"
-        if hasattr(model, "module")
-        else ""
-    )
-    raise TypeError(
-        f"no Switch-KD adapter for {type(model).__module__}.{type(model).__qualname__}{hint}; "
-        f"supported: {supported}"
-    )
+    try:
+        adapter_class = adapter_class_for(type(model))
+    except TypeError as error:
+        if hasattr(model, "module"):
+            hint = "a DDP/DeepSpeed wrapper? pass the wrapped model, e.g. `.module`"
+            raise TypeError(f"{error} ({hint})") from None
+        raise
+    return adapter_class(model)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -55,9 +56,22 @@ class VLMAdapter(ABC):
         self.model = model
 
     @classmethod
-    @abstractmethod
     def supports(cls, model: nn.Module) -> bool:
         """Whether this adapter handles ``model`` (matched on its class)."""
+        return cls.supports_class(type(model))
+
+    @classmethod
+    @abstractmethod
+    def supports_class(cls, model_class: type) -> bool:
+        """Whether this adapter handles models of ``model_class``."""
+
+    @classmethod
+    def load_lora_base(cls, directory: Path, model_class: type, config) -> nn.Module | None:
+        """The base model of the LoRA checkpoint in ``directory``, where the host saves the base
+        weights inside it (``config``: the directory's own config, or None); None where the
+        base is the checkpoint named by ``adapter_config.json``'s ``base_model_name_or_path``
+        (a plain PEFT adapter directory)."""
+        return None
 
     # ------------------------------------------------------------------------------ modules
 

@@ -47,9 +47,9 @@ class ScatteredImageTokensAdapter(VLMAdapter):
         return getattr(transformers, cls.host_class_name.rsplit(".", 1)[1], None)
 
     @classmethod
-    def supports(cls, model: nn.Module) -> bool:
+    def supports_class(cls, model_class: type) -> bool:
         host = cls.host_class()
-        return host is not None and isinstance(model, host)
+        return host is not None and issubclass(model_class, host)
 
     @property
     def parts(self) -> nn.Module:

@@ -33,8 +33,8 @@ class HFLlavaAdapter(VLMAdapter):
         self._parts = inner if hasattr(inner, "multi_modal_projector") else model
 
     @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        return isinstance(model, transformers.LlavaForConditionalGeneration)
+    def supports_class(cls, model_class: type) -> bool:
+        return issubclass(model_class, transformers.LlavaForConditionalGeneration)
 
     @property
     def vision_module(self) -> nn.Module:

@@ -87,9 +87,9 @@ class _QwenVLAdapter(VLMAdapter):
         self._inner = model.model
 
     @classmethod
-    def supports(cls, model: nn.Module) -> bool:
+    def supports_class(cls, model_class: type) -> bool:
         host_class = getattr(transformers, cls.host_class_attr, None)
-        return host_class is not None and isinstance(model, host_class)
+        return host_class is not None and issubclass(model_class, host_class)
 
     # ------------------------------------------------------------------------------ modules
 

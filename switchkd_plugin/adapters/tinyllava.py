@@ -8,13 +8,17 @@ model is recognised by class name.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from switchkd_plugin.adapters.base import SpliceRules, VLMAdapter
 
 IMAGE_TOKEN_INDEX = -200  # tinyllava.utils.constants.IMAGE_TOKEN_INDEX
+# The component directories the Factory's LoRA recipe saves base weights into.
+_COMPONENTS = ("language_model", "vision_tower", "connector")
 
 
 class TinyLlavaAdapter(VLMAdapter):
@@ -26,11 +30,32 @@ class TinyLlavaAdapter(VLMAdapter):
     )
 
     @classmethod
-    def supports(cls, model: nn.Module) -> bool:
+    def supports_class(cls, model_class: type) -> bool:
         return any(
             f"{klass.__module__}.{klass.__qualname__}" == cls.host_class_name
-            for klass in type(model).__mro__
+            for klass in model_class.__mro__
         )
+
+    @classmethod
+    def load_lora_base(cls, directory: Path, model_class: type, config) -> nn.Module | None:
+        """What the Factory's LoRA recipe saved beside its adapters, loaded as its
+        ``load_pretrained_model`` does: the model built from the directory's config, then each
+        component's base weights (``<component>/pytorch_model.bin``, LoRA-wrapped names without
+        ``.base_layer``). None for a directory without them."""
+        files = {name: directory / name / "pytorch_model.bin" for name in _COMPONENTS}
+        if config is None or not all(path.is_file() for path in files.values()):
+            return None
+        model = model_class(config)
+        for name, path in files.items():
+            state = torch.load(path, map_location="cpu")
+            state = {key.replace(".base_layer", ""): value for key, value in state.items()}
+            module = model.vision_tower._vision_tower if name == "vision_tower" else (
+                getattr(model, name)
+            )  # fmt: skip
+            # The Factory's loader loads the connector non-strictly (a frozen connector saves
+            # nothing when tuned parameters only are kept); the others must match exactly.
+            module.load_state_dict(state, strict=name != "connector")
+        return model
 
     @property
     def vision_module(self) -> nn.Module:
