@@ -190,7 +190,9 @@ def check_resume_settings(directory: str | Path, current: SwitchKDArguments) -> 
     refused = {name: values for name, values in changed.items() if name not in SAFE_TO_CHANGE}
     if refused:
         detail = "; ".join(f"--{k} was {old!r}, now {new!r}" for k, (old, new) in refused.items())
-        restore = " ".join(f"--{k} {old}" for k, (old, _) in refused.items())
+        restore = " ".join(
+            f"--{k} {old}" if old is not None else f"no --{k}" for k, (old, _) in refused.items()
+        )
         raise ValueError(
             f"resume_from_checkpoint {directory}: its Switch-KD settings differ from this run's "
             f"({detail}), which changes the loss the checkpoint was trained on. Resume with the "

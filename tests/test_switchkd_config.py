@@ -103,15 +103,20 @@ def test_the_checkpoint_saves_the_settings_and_resumes_under_them(checkpointed):
 
 
 @pytest.mark.parametrize(
-    ("flag", "value", "saved"), [("w_vsd", "1.0", "0.5"), ("temperature", "2.0", "3.0")]
+    ("flags", "change", "restore"),
+    [
+        (("--w_vsd", "1.0"), "--w_vsd was 0.5, now 1.0", "--w_vsd 0.5"),
+        (("--temperature", "2.0"), "--temperature was 3.0, now 2.0", "--temperature 3.0"),
+        (("--k_max", "100"), "--k_max was None, now 100", "no --k_max"),  # saved unset
+    ],
 )
-def test_resuming_under_a_changed_objective_is_refused(checkpointed, flag, value, saved):
+def test_resuming_under_a_changed_objective_is_refused(checkpointed, flags, change, restore):
     _, resume = checkpointed
     with pytest.raises(ValueError) as refusal:
-        resume(f"--{flag}", value)
+        resume(*flags)
     message = str(refusal.value)
-    assert f"--{flag} was {float(saved)!r}, now {float(value)!r}" in message
-    assert f"Resume with the saved settings (--{flag} {float(saved)})" in message
+    assert change in message
+    assert f"Resume with the saved settings ({restore})" in message
     assert "start a new run" in message
 
 
