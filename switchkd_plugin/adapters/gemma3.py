@@ -38,18 +38,6 @@ class Gemma3Adapter(ScatteredImageTokensAdapter):
             )
 
     @property
-    def vision_module(self) -> nn.Module:
-        return self.parts.vision_tower
-
-    @property
-    def connector(self) -> nn.Module:
-        return self.parts.multi_modal_projector
-
-    @property
-    def decoder(self) -> nn.Module:
-        return self.parts.language_model
-
-    @property
     def vision_output_width(self) -> int:
         return self.model.config.vision_config.hidden_size
 

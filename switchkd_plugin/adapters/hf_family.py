@@ -40,6 +40,12 @@ class ScatteredImageTokensAdapter(VLMAdapter):
 
     images_key: ClassVar[str] = "pixel_values"
     host_class_name: ClassVar[str]  # "transformers.<Class>"
+    # Attribute names of the vision encoder, the connector and the LM on `parts`.
+    part_names: ClassVar[tuple[str, str, str]] = (
+        "vision_tower",
+        "multi_modal_projector",
+        "language_model",
+    )
 
     @classmethod
     def host_class(cls) -> type | None:
@@ -55,6 +61,18 @@ class ScatteredImageTokensAdapter(VLMAdapter):
     def parts(self) -> nn.Module:
         """The inner model holding the vision tower, the connector and the language model."""
         return self.model.model
+
+    @property
+    def vision_module(self) -> nn.Module:
+        return getattr(self.parts, self.part_names[0])
+
+    @property
+    def connector(self) -> nn.Module:
+        return getattr(self.parts, self.part_names[1])
+
+    @property
+    def decoder(self) -> nn.Module:
+        return getattr(self.parts, self.part_names[2])
 
     @property
     def lm_head(self) -> nn.Module:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from switchkd_plugin.adapters.hf_family import ScatteredImageTokensAdapter, config_values
 
@@ -24,18 +24,6 @@ class InternVLAdapter(ScatteredImageTokensAdapter):
     """InternVL: InternViT -> pixel shuffle + MLP projector -> LM."""
 
     host_class_name = "transformers.InternVLForConditionalGeneration"
-
-    @property
-    def vision_module(self) -> nn.Module:
-        return self.parts.vision_tower
-
-    @property
-    def connector(self) -> nn.Module:
-        return self.parts.multi_modal_projector
-
-    @property
-    def decoder(self) -> nn.Module:
-        return self.parts.language_model
 
     @property
     def _shuffle_factor(self) -> int:

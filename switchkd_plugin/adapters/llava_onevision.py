@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from switchkd_plugin.adapters.base import MultimodalInputs
 from switchkd_plugin.adapters.hf_family import ScatteredImageTokensAdapter, config_values
@@ -31,18 +31,6 @@ class LlavaOnevisionAdapter(ScatteredImageTokensAdapter):
     """LLaVA-OneVision: SigLIP -> MLP projector -> anyres packing with image_newline -> LM."""
 
     host_class_name = "transformers.LlavaOnevisionForConditionalGeneration"
-
-    @property
-    def vision_module(self) -> nn.Module:
-        return self.parts.vision_tower
-
-    @property
-    def connector(self) -> nn.Module:
-        return self.parts.multi_modal_projector
-
-    @property
-    def decoder(self) -> nn.Module:
-        return self.parts.language_model
 
     @property
     def _feature_layers(self) -> list[int]:

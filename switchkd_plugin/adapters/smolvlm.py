@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from switchkd_plugin.adapters.hf_family import ScatteredImageTokensAdapter, config_values
 
@@ -24,18 +24,7 @@ class SmolVLMAdapter(ScatteredImageTokensAdapter):
     """SmolVLM: vision transformer -> pixel shuffle + projection -> LM."""
 
     host_class_name = "transformers.SmolVLMForConditionalGeneration"
-
-    @property
-    def vision_module(self) -> nn.Module:
-        return self.parts.vision_model
-
-    @property
-    def connector(self) -> nn.Module:
-        return self.parts.connector
-
-    @property
-    def decoder(self) -> nn.Module:
-        return self.parts.text_model
+    part_names = ("vision_model", "connector", "text_model")
 
     @property
     def vision_output_width(self) -> int:
