@@ -20,7 +20,29 @@ from switchkd_plugin.adapters.base import SpliceRules, VLMAdapter
 from switchkd_plugin.adapters.splice import infer_padding_side
 
 
-class HFLlavaAdapter(VLMAdapter):
+class LlavaFeatureWidths:
+    """Widths of the LLaVA layout (``vision_feature_layer`` states -> ``linear_1`` / ``linear_2``
+    projector), shared by HF LLaVA and LLaVA-OneVision."""
+
+    @property
+    def _feature_layers(self) -> list[int]:
+        layer = self.model.config.vision_feature_layer
+        return [layer] if isinstance(layer, int) else list(layer)
+
+    @property
+    def vision_output_width(self) -> int:
+        return self.model.config.vision_config.hidden_size * len(self._feature_layers)
+
+    @property
+    def connector_input_width(self) -> int:
+        return self.connector.linear_1.in_features
+
+    @property
+    def connector_output_width(self) -> int:
+        return self.connector.linear_2.out_features
+
+
+class HFLlavaAdapter(LlavaFeatureWidths, VLMAdapter):
     """HF LLaVA: vision tower -> ``multi_modal_projector`` -> language model."""
 
     images_key: ClassVar[str] = "pixel_values"
@@ -53,23 +75,6 @@ class HFLlavaAdapter(VLMAdapter):
     @property
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
-
-    @property
-    def _feature_layers(self) -> list[int]:
-        layer = self.model.config.vision_feature_layer
-        return [layer] if isinstance(layer, int) else list(layer)
-
-    @property
-    def vision_output_width(self) -> int:
-        return self.model.config.vision_config.hidden_size * len(self._feature_layers)
-
-    @property
-    def connector_input_width(self) -> int:
-        return self.connector.linear_1.in_features
-
-    @property
-    def connector_output_width(self) -> int:
-        return self.connector.linear_2.out_features
 
     @property
     def image_token_id(self) -> int:

@@ -25,29 +25,13 @@ from torch import Tensor
 
 from switchkd_plugin.adapters.base import MultimodalInputs
 from switchkd_plugin.adapters.hf_family import ScatteredImageTokensAdapter, config_values
+from switchkd_plugin.adapters.hf_llava import LlavaFeatureWidths
 
 
-class LlavaOnevisionAdapter(ScatteredImageTokensAdapter):
+class LlavaOnevisionAdapter(LlavaFeatureWidths, ScatteredImageTokensAdapter):
     """LLaVA-OneVision: SigLIP -> MLP projector -> anyres packing with image_newline -> LM."""
 
     host_class_name = "transformers.LlavaOnevisionForConditionalGeneration"
-
-    @property
-    def _feature_layers(self) -> list[int]:
-        layer = self.model.config.vision_feature_layer
-        return [layer] if isinstance(layer, int) else list(layer)
-
-    @property
-    def vision_output_width(self) -> int:
-        return self.model.config.vision_config.hidden_size * len(self._feature_layers)
-
-    @property
-    def connector_input_width(self) -> int:
-        return self.connector.linear_1.in_features
-
-    @property
-    def connector_output_width(self) -> int:
-        return self.connector.linear_2.out_features
 
     def switch_fields(self, switch_point: str) -> dict[str, Any]:
         config = self.model.config
