@@ -61,20 +61,29 @@ def main(
     if world_micro_batches == "split-empty":  # one rank's micro-batch has no response token
         micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
     accumulation = 2 if world_micro_batches == "accumulate" else 1
+    steps = 3 if world_micro_batches == "split-3-steps" else 1
+    checkpointing = os.environ.get("SWITCHKD_TEST_TEACHER_CHECKPOINTING") == "1"
     on_gpu = os.environ.get("SWITCHKD_DEVICE") == "cuda"  # benchmarks/gpu_check.py
     training = {
         "gradient_accumulation_steps": accumulation,
         "ddp_backend": "nccl" if on_gpu else "gloo",
         "use_cpu": not on_gpu,
+        "max_steps": steps,
     }
     if deepspeed:
         training["deepspeed"] = deepspeed
     # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.
     # The ranks' micro-batches need different chunk counts: they agree on the larger one.
-    trainer = _trainer(student, tokenizer, micro, out_dir, teacher=teacher, training=training,
-                       lm_head_chunk_size=16, teacher_zero3=teacher_zero3)  # fmt: skip
+    trainer = _trainer(student, tokenizer, micro * steps, out_dir, teacher=teacher,
+                       training=training, lm_head_chunk_size=16, teacher_zero3=teacher_zero3,
+                       teacher_gradient_checkpointing=checkpointing)  # fmt: skip
     assert trainer.is_deepspeed_enabled == bool(deepspeed)
     trainer.train()
+    if trainer._teacher_engine is not None and trainer.args.process_index == 0:
+        # DeepSpeed prefetches the sharded teacher's parameters once it holds a complete trace
+        coordinator = trainer._teacher_engine.optimizer.get_param_coordinator()
+        with open(os.path.join(out_dir, "teacher_trace.txt"), "w") as file:
+            file.write("complete" if coordinator.is_complete_trace() else "not complete")
     trainer.save_model(out_dir)  # gathers ZeRO-3 shards on rank 0
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -51,6 +51,7 @@ def _run(
     mode: str | None = None,
     teacher_zero3: str = "shard",
     family: str = "hf_llava",
+    teacher_checkpointing: bool = False,
 ) -> dict[str, torch.Tensor] | str:
     """The student's weights after one step of `_dp_worker.py` (`family`: hf_llava, qwen2_5_vl,
     qwen3_vl); on DeepSpeed < 0.15.4 under ZeRO-3, the run's output, which must hold the
@@ -61,6 +62,7 @@ def _run(
     config = "" if stage is None else str(_deepspeed_config(stage, tmp_path))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env["SWITCHKD_TEST_FAMILY"] = family
+    env["SWITCHKD_TEST_TEACHER_CHECKPOINTING"] = str(int(teacher_checkpointing))
     if stage is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(NO_SHM), os.environ.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -101,6 +103,19 @@ def _initial_weights() -> dict[str, torch.Tensor]:
     from switchkd_plugin.testing import build_hf_llava, build_tokenizer, student_spec
 
     return build_hf_llava(student_spec(), build_tokenizer()).state_dict()
+
+
+def test_sharded_teacher_runs_one_prefetchable_trace_per_step(tmp_path):
+    """ZeRO-3 prefetches a sharded teacher's parameters only once its coordinator holds a
+    complete trace: one call of the teacher's root module per step, the same calls each step
+    (the per-layer checkpointing's recomputes and the chunked loss stage included)."""
+    if not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
+    if OLD_ZERO3:
+        pytest.skip(f"deepspeed {version('deepspeed')}: ZeRO-3 Switch-KD is refused")
+    _run(tmp_path, 2, 3, mode="split-3-steps", teacher_checkpointing=True)
+    trace = (tmp_path / "2-ranks-zero3-shard" / "teacher_trace.txt").read_text()
+    assert trace == "complete", trace
 
 
 @pytest.mark.parametrize("stage", [None, 2, 3], ids=["ddp", "zero2", "zero3"])
