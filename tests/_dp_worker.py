@@ -1,7 +1,8 @@
 """One rank of the data-parallel normaliser test (run by tests/test_trainer_dp.py via torchrun).
 
-Every rank builds the same tiny student and teacher, takes its share of two micro-batches with
-different response-token counts, and trains one SGD step; rank 0 saves the weights.
+Every rank builds the same tiny student and teacher, takes its share of two micro-batches (the
+first without any response token), and trains one SGD step (3 in mode split-3-steps); rank 0
+saves the weights.
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ def main(
 ) -> None:
     family = os.environ.get("SWITCHKD_TEST_FAMILY", "hf_llava")  # tests/test_famil*.py
     tokenizer, student, teacher, micro = _models_and_micro_batches(family)
-    if world_micro_batches == "split-empty":  # one rank's micro-batch has no response token
-        micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
+    # The first micro-batch has no response token: the rank (or accumulation micro-batch) that
+    # takes it still makes every collective call and uses every parameter, and the ranks need
+    # different numbers of lm_head chunks.
+    micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
     accumulation = 2 if world_micro_batches == "accumulate" else 1
     steps = 3 if world_micro_batches == "split-3-steps" else 1
     checkpointing = os.environ.get("SWITCHKD_TEST_TEACHER_CHECKPOINTING") == "1"
