@@ -28,6 +28,7 @@ from .constants import IGNORE_INDEX
 from .divergences import DBiLDTerm, FullKLTerm, make_divergence
 from .layer_checkpoint import checkpoint_each_layer
 from .losses import KStats
+from .teacher_calls import TeacherCalls
 
 
 @dataclass
@@ -105,6 +106,8 @@ class SwitchKDEngine:
             run empty chunks, so each rank makes the same lm_head calls (ZeRO-3 gathers the
             parameters collectively at each) and uses every parameter (DDP, ZeRO-2), a rank
             without any response token included.
+        teacher_calls: how the teacher's passes and lm_head are called (default: directly;
+            `ShardedTeacherCalls` for a ZeRO-3 sharded teacher).
     """
 
     def __init__(
@@ -115,10 +118,14 @@ class SwitchKDEngine:
         distill_vocab_size: int,
         run_switch: bool,
         agree_chunks: Callable[[int], int] | None = None,
+        teacher_calls: TeacherCalls | None = None,
     ) -> None:
         if teacher is None and args.needs_teacher:
             raise ValueError("the align and switch terms need a teacher adapter")
         self.student, self.teacher, self.args = student, teacher, args
+        if teacher_calls is None and teacher is not None:
+            teacher_calls = TeacherCalls(teacher)
+        self.teacher_calls = teacher_calls
         self.agree_chunks = agree_chunks
         self.vocab = distill_vocab_size
         self.run_align = teacher is not None and args.w_align > 0
@@ -137,6 +144,17 @@ class SwitchKDEngine:
         self.shared_teacher_rule = dbild[0].rule if same_rule else None
 
     # ------------------------------------------------------------------------------ passes
+
+    def _teacher_passes(
+        self, batch: dict, features, embeds, rows: ResponseRows
+    ) -> tuple[Tensor, ...]:
+        """The teacher's rows `[n, H_T]` and the distilled-row mask `[n]` (bool), then the
+        switch pass's rows `[n, H_T]` when it runs; all laid out in the student's `rows` order."""
+        teacher_hidden, mask = self._teacher_rows(batch).aligned_to(rows)
+        if not self.run_switch:
+            return teacher_hidden, mask
+        switch_hidden, switch_valid = self._switch_rows(features, embeds, batch).aligned_to(rows)
+        return teacher_hidden, mask & switch_valid, switch_hidden
 
     def _teacher_rows(self, batch: dict) -> ResponseRows:
         teacher = self.teacher
@@ -168,6 +186,7 @@ class SwitchKDEngine:
         teacher_hidden: Tensor | None,
         switch_hidden: Tensor | None,
         distill_mask: Tensor | None,
+        teacher_head: Callable[[Tensor], Tensor] | None,
         selections: dict,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, KStats | None]]:
         """Weighted loss, ce, align, vsd sums and k statistics over one chunk of rows `[c, H]`.
@@ -191,14 +210,14 @@ class SwitchKDEngine:
         teacher_logits = teacher_led = None
         if first_pass or self.teacher_logits_in_backward:
             with torch.no_grad():
-                teacher_logits = distilled(self.teacher.lm_head(teacher_hidden))
+                teacher_logits = distilled(teacher_head(teacher_hidden))
         if first_pass and self.shared_teacher_rule is not None:
             teacher_led = self.shared_teacher_rule.select(teacher_logits)
         parts = []
         if self.run_align:
             parts.append(("align", self.align_divergence, student_logits))
         if switch_hidden is not None:
-            parts.append(("vsd", self.vsd_divergence, self.teacher.lm_head(switch_hidden)))
+            parts.append(("vsd", self.vsd_divergence, teacher_head(switch_hidden)))
         values = {}
         for name, term, logits in parts:
             side = distilled(logits)
@@ -225,14 +244,14 @@ class SwitchKDEngine:
         student_states = student.decode(inputs)
         rows = ResponseRows.from_pathway(student_states, inputs.labels)
 
-        teacher_hidden = switch_hidden = distill_mask = None
+        teacher_hidden = switch_hidden = distill_mask = teacher_head = None
         if self.run_align or self.run_switch:
-            teacher_hidden, distill_mask = self._teacher_rows(batch).aligned_to(rows)
-            if self.run_switch:
-                switch_hidden, switch_valid = self._switch_rows(features, embeds, batch).aligned_to(
-                    rows
-                )
-                distill_mask = distill_mask & switch_valid
+            passes = self.teacher_calls.run(
+                lambda: self._teacher_passes(batch, features, embeds, rows)
+            )
+            teacher_hidden, distill_mask, *switched = passes
+            switch_hidden = switched[0] if switched else None
+            teacher_head = self.teacher_calls.lm_head()
         if bool(distill_mask is not None and distill_mask.all()):
             distill_mask = None  # the usual case: every response row is distilled
 
@@ -252,6 +271,7 @@ class SwitchKDEngine:
                 None if teacher_hidden is None else teacher_hidden[part],
                 None if switch_hidden is None else switch_hidden[part],
                 None if distill_mask is None else distill_mask[part],
+                teacher_head,
                 {},
             )
             if chunks > 1:  # keep one chunk's logits alive at a time; recompute them in backward

@@ -8,7 +8,6 @@ Factory (whose sampler and optimizer parameter groups then still apply).
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import logging
 from collections import defaultdict
@@ -44,6 +43,7 @@ from .nonfinite import (
 )
 from .resume import check_resume_settings, numpy_rng_state_loadable, restore_model
 from .teacher import freeze, is_lora_checkpoint, load_teacher, lora_base_path, teacher_dtype
+from .teacher_calls import ShardedTeacherCalls, chunk_safe_when_sharded, shard_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -315,17 +315,21 @@ class SwitchKDTrainerMixin:
             checkpointing = bool(self.args.gradient_checkpointing)
         agree = self._agree_chunks if self.args.world_size > 1 else None
         engine_args = replace(args, teacher_gradient_checkpointing=checkpointing)
-        if self._teacher_sharded and self.args.world_size > 1 and args.lm_head_chunk_size:
-            # A chunk recomputed in backward calls the sharded teacher's lm_head outside its
-            # engine's forward, where DeepSpeed (0.19) does not gather it again.
-            logger.warning(
-                "Switch-KD: ZeRO-3 with a sharded teacher on %d ranks: the lm_heads run on all "
-                "response rows at once (--lm_head_chunk_size is not used); --teacher_zero3 "
-                "replicate keeps the chunks",
-                self.args.world_size,
-            )
-            engine_args = replace(engine_args, lm_head_chunk_size=0)
-        return SwitchKDEngine(student, teacher_adapter, engine_args, vocab, run_switch, agree)
+        calls = None
+        if teacher_adapter is not None and self._teacher_sharded:
+            calls = ShardedTeacherCalls(teacher_adapter)
+            if not chunk_safe_when_sharded(teacher_adapter) and args.lm_head_chunk_size:
+                # Its recompute in backward would call the sharded module (teacher_calls.py).
+                logger.warning(
+                    "Switch-KD: the sharded teacher's lm_head is a %s, not a Linear: the "
+                    "lm_heads run on all response rows at once (--lm_head_chunk_size is not "
+                    "used); --teacher_zero3 replicate keeps the chunks",
+                    type(teacher_adapter.lm_head).__name__,
+                )
+                engine_args = replace(engine_args, lm_head_chunk_size=0)
+        return SwitchKDEngine(
+            student, teacher_adapter, engine_args, vocab, run_switch, agree, teacher_calls=calls
+        )
 
     @property
     def _teacher_sharded(self) -> bool:
@@ -374,26 +378,15 @@ class SwitchKDTrainerMixin:
 
     # ------------------------------------------------------------------------------- loss
 
-    def _shard_teacher(self) -> None:
-        """ZeRO-3: wrap the teacher in its own DeepSpeed engine (no optimizer), so each rank holds
-        a shard and parameters are gathered layer by layer, in forward and in the backward of
-        the switch pass alike."""
-        import deepspeed
-
-        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
-        for key in ("optimizer", "scheduler"):
-            config.pop(key, None)
-        engine, *_ = deepspeed.initialize(model=self.teacher, config=config)
-        engine.eval()
-        self._teacher_engine = engine
-
     def _run_engine(self, model: nn.Module, batch: dict) -> StepTerms:
         """Run the engine through `model`'s wrapper (DDP / DeepSpeed) so its forward hooks and
         gradient bookkeeping see the student computation."""
         inner = self.accelerator.unwrap_model(model)
         if _zero3() and not self._zero3_ready:
             if self.teacher is not None and self._teacher_sharded:
-                self._shard_teacher()
+                # The config is only complete once training starts.
+                config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+                self._teacher_engine = shard_teacher(self.teacher, config)
             for module in (inner, self.teacher):
                 _register_unhooked_parameters(module)
             self._zero3_ready = True

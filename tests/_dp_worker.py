@@ -1,7 +1,8 @@
 """One rank of the data-parallel normaliser test (run by tests/test_trainer_dp.py via torchrun).
 
-Every rank builds the same tiny student and teacher, takes its share of two micro-batches with
-different response-token counts, and trains one SGD step; rank 0 saves the weights.
+Every rank builds the same tiny student and teacher, takes its share of two micro-batches (the
+first without any response token), and trains one SGD step (3 in mode split-3-steps); rank 0
+saves the weights.
 """
 
 from __future__ import annotations
@@ -58,23 +59,34 @@ def main(
 ) -> None:
     family = os.environ.get("SWITCHKD_TEST_FAMILY", "hf_llava")  # tests/test_famil*.py
     tokenizer, student, teacher, micro = _models_and_micro_batches(family)
-    if world_micro_batches == "split-empty":  # one rank's micro-batch has no response token
-        micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
+    # The first micro-batch has no response token: the rank (or accumulation micro-batch) that
+    # takes it still makes every collective call and uses every parameter, and the ranks need
+    # different numbers of lm_head chunks.
+    micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
     accumulation = 2 if world_micro_batches == "accumulate" else 1
+    steps = 3 if world_micro_batches == "split-3-steps" else 1
+    checkpointing = os.environ.get("SWITCHKD_TEST_TEACHER_CHECKPOINTING") == "1"
     on_gpu = os.environ.get("SWITCHKD_DEVICE") == "cuda"  # benchmarks/gpu_check.py
     training = {
         "gradient_accumulation_steps": accumulation,
         "ddp_backend": "nccl" if on_gpu else "gloo",
         "use_cpu": not on_gpu,
+        "max_steps": steps,
     }
     if deepspeed:
         training["deepspeed"] = deepspeed
     # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.
     # The ranks' micro-batches need different chunk counts: they agree on the larger one.
-    trainer = _trainer(student, tokenizer, micro, out_dir, teacher=teacher, training=training,
-                       lm_head_chunk_size=16, teacher_zero3=teacher_zero3)  # fmt: skip
+    trainer = _trainer(student, tokenizer, micro * steps, out_dir, teacher=teacher,
+                       training=training, lm_head_chunk_size=16, teacher_zero3=teacher_zero3,
+                       teacher_gradient_checkpointing=checkpointing)  # fmt: skip
     assert trainer.is_deepspeed_enabled == bool(deepspeed)
     trainer.train()
+    if trainer._teacher_engine is not None and trainer.args.process_index == 0:
+        # DeepSpeed prefetches the sharded teacher's parameters once it holds a complete trace
+        coordinator = trainer._teacher_engine.optimizer.get_param_coordinator()
+        with open(os.path.join(out_dir, "teacher_trace.txt"), "w") as file:
+            file.write("complete" if coordinator.is_complete_trace() else "not complete")
     trainer.save_model(out_dir)  # gathers ZeRO-3 shards on rank 0
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
