@@ -1,6 +1,6 @@
 """One Switch-KD training step against its parts and a full-logits implementation, same run.
 
-    python benchmarks/bench_step.py                  # every table (CPU: about 15 min)
+    python benchmarks/bench_step.py                  # every table (CPU: about 20-25 min)
     python benchmarks/bench_step.py --tables time    # (a)-(c) only; also: depth, chunks
 
 Models: HF LLaVA built offline, random weights, bf16, SDPA attention; language models at the
@@ -51,9 +51,11 @@ class Case:
     teacher_widths: str = "3b"  # 3b | depth
     vocab: int = QWEN_VOCAB
     batch: int = 2
-    prompt_tokens: int = 176
-    response_tokens: int = 64
-    chunk: int = 64
+    # (a)-(c): 512 response rows of 1,408 positions (36%, image and prompt tokens being most of
+    # a LLaVA sample) in 2 chunks of 256
+    prompt_tokens: int = 432
+    response_tokens: int = 256
+    chunk: int = 256
     checkpointing: bool = False
     repeats: int = 2  # timed steps after one warm-up; 0: one step, memory only
     device: str = "cpu"
