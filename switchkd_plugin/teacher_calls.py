@@ -52,7 +52,7 @@ class ShardedTeacherCalls(TeacherCalls):
         # The root module's hooks: the trace starts (and, after the first step, prefetches);
         # the outputs, tensors only, get DeepSpeed's pre-backward gathers.
         root = self.adapter.model
-        with swapped_forward(root, lambda: passes()):
+        with swapped_forward(root, passes):
             return root()
 
     def lm_head(self) -> Callable[[Tensor], Tensor]:

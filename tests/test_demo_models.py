@@ -9,9 +9,8 @@ import math
 import pytest
 import torch
 
-from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.demo.hosts import HFLlavaHost, TinyLlavaHost
-from switchkd_plugin.demo.models import LANGUAGE_INIT_STD, _canonical_order, build_model
+from switchkd_plugin.demo.models import LANGUAGE_INIT_STD, _canonical_order, build_model, components
 from switchkd_plugin.factory_compat import factory_import_error
 from switchkd_plugin.testing.tiny_models import build_tokenizer, teacher_spec
 
@@ -24,14 +23,7 @@ def tokenizer():
 
 
 def _components(model) -> dict[str, list[tuple[str, torch.Tensor]]]:
-    adapter = adapter_for(model)
-    modules = {
-        "vision": adapter.vision_module,
-        "connector": adapter.connector,
-        "decoder": adapter.decoder,
-        "lm_head": adapter.lm_head,
-    }
-    return {name: _canonical_order(module) for name, module in modules.items()}
+    return {name: _canonical_order(module) for name, module in components(model).items()}
 
 
 def _same(a, b) -> bool:

@@ -47,6 +47,17 @@ def _generator(seed: int, component: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
+def components(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's parts that draw their own initial weights, by name."""
+    adapter = adapter_for(model)
+    return {
+        "vision": adapter.vision_module,
+        "connector": adapter.connector,
+        "decoder": adapter.decoder,
+        "lm_head": adapter.lm_head,
+    }
+
+
 @torch.no_grad()
 def initialise(model: nn.Module, seed: int) -> None:
     """Redraw every parameter of ``model`` (in place) from ``seed``, independently of the
@@ -56,14 +67,7 @@ def initialise(model: nn.Module, seed: int) -> None:
     the vision encoder N(0, 1/fan_in) (LeCun normal, SigLIP's scheme); those of the connector,
     the language model and the lm_head N(0, 0.02^2).
     """
-    adapter = adapter_for(model)
-    components = {
-        "vision": adapter.vision_module,
-        "connector": adapter.connector,
-        "decoder": adapter.decoder,
-        "lm_head": adapter.lm_head,
-    }
-    for component, module in components.items():
+    for component, module in components(model).items():
         for index, (name, parameter) in enumerate(_canonical_order(module)):
             if name.endswith("bias"):
                 parameter.zero_()
