@@ -2,12 +2,13 @@
 
     python benchmarks/bench_step.py                  # every table (CPU: about 20-25 min)
     python benchmarks/bench_step.py --tables time    # (a)-(c) only; also: depth, chunks
+    python benchmarks/bench_step.py --dtype float32  # CPUs without bf16 matmul kernels
 
-Models: HF LLaVA built offline, random weights, bf16, SDPA attention; language models at the
-Qwen2.5-0.5B (student: hidden 896, intermediate 4864, 14/2 heads) and Qwen2.5-3B (teacher:
-2048, 11008, 16/2) widths with 2 layers each and the Qwen vocabulary (151,936); a small shared
-SigLIP tower (the vision side is not what is measured). Each case runs in a fresh process;
-every figure is a ratio to a baseline measured in the same run:
+Models: HF LLaVA built offline, random weights, bf16 (`--dtype`), SDPA attention; language
+models at the Qwen2.5-0.5B (student: hidden 896, intermediate 4864, 14/2 heads) and Qwen2.5-3B
+(teacher: 2048, 11008, 16/2) widths with 2 layers each and the Qwen vocabulary (151,936); a
+small shared SigLIP tower (the vision side is not what is measured). Each case runs in a fresh
+process; every figure is a ratio to a baseline measured in the same run:
 
   (a) the host's own SFT step (forward with labels, backward)           -> time baseline
   (b) each pathway alone (student fwd+bwd, teacher fwd, switch fwd+bwd) and the Switch-KD
@@ -59,6 +60,7 @@ class Case:
     checkpointing: bool = False
     repeats: int = 2  # timed steps after one warm-up; 0: one step, memory only
     device: str = "cpu"
+    dtype: str = "bfloat16"  # of the weights; float32 where the CPU has no bf16 kernels
 
 
 def _rss_bytes() -> int:
@@ -102,8 +104,9 @@ def _models(case: Case):
     widths = TEACHER if case.teacher_widths == "3b" else DEPTH_TEACHER
     common["num_layers"] = case.teacher_layers
     teacher = build_hf_llava(teacher_spec(**widths, **common), tokenizer)
-    student.to(case.device, torch.bfloat16).train()
-    teacher.to(case.device, torch.bfloat16).requires_grad_(False).eval()
+    dtype = getattr(torch, case.dtype)
+    student.to(case.device, dtype).train()
+    teacher.to(case.device, dtype).requires_grad_(False).eval()
     # The token embeddings' dense gradient (V x 896) would dominate a 2-layer student's memory.
     student.get_input_embeddings().requires_grad_(False)
     return tokenizer, student, teacher
@@ -252,8 +255,8 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
 
 
-def time_table(repeats: int) -> None:
-    base = Case("sft", repeats=repeats)
+def time_table(repeats: int, dtype: str) -> None:
+    base = Case("sft", repeats=repeats, dtype=dtype)
     results = {kind: _run(dataclasses.replace(base, kind=kind))
                for kind in ("sft", "student", "teacher", "switch", "step", "full")}  # fmt: skip
     sft_time = results["sft"][0]
@@ -275,9 +278,9 @@ def time_table(repeats: int) -> None:
           f"extra peak memory {full_memory / step_memory:.2f}x")  # fmt: skip
 
 
-def depth_table() -> None:
+def depth_table(dtype: str) -> None:
     base = Case("step", teacher_widths="depth", vocab=8192, prompt_tokens=448,
-                response_tokens=32, repeats=0)  # fmt: skip
+                response_tokens=32, repeats=0, dtype=dtype)  # fmt: skip
     print(
         f"\n(d): step extra peak memory, teacher hidden 1024 x depth; B={base.batch}, "
         f"{base.prompt_tokens + base.response_tokens} text tokens + image, V={base.vocab}"
@@ -293,8 +296,9 @@ def depth_table() -> None:
         )
 
 
-def chunk_table() -> None:
-    base = Case("step", vocab=32_768, prompt_tokens=64, response_tokens=512, repeats=0)
+def chunk_table(dtype: str) -> None:
+    base = Case("step", vocab=32_768, prompt_tokens=64, response_tokens=512, repeats=0,
+                dtype=dtype)  # fmt: skip
     peaks = {chunk: _run(dataclasses.replace(base, chunk=chunk))[1] for chunk in (128, 256, 0)}
     rows = base.batch * base.response_tokens
     print(
@@ -310,13 +314,21 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", default=["time", "depth", "chunks"],
                         choices=["time", "depth", "chunks"])  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2, help="timed steps after a warm-up")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="weights dtype (float32 on CPUs without bf16 matmul kernels, "
+                             "where bf16 steps are emulated and take minutes)")  # fmt: skip
     args = parser.parse_args()
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, bf16 weights")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, CPU, {args.dtype} weights")
+    tables = {
+        "time": lambda: time_table(args.repeats, args.dtype),
+        "depth": lambda: depth_table(args.dtype),
+        "chunks": lambda: chunk_table(args.dtype),
+    }
     for table in args.tables:
-        {"time": lambda: time_table(args.repeats), "depth": depth_table,
-         "chunks": chunk_table}[table]()  # fmt: skip
+        tables[table]()
 
 
 if __name__ == "__main__":

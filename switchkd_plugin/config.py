@@ -68,8 +68,8 @@ class SwitchKDArguments:
     )
     lm_head_chunk_size: int = _arg(
         1024,
-        "Response rows per lm_head chunk; with several chunks each chunk's logits are recomputed "
-        "in backward instead of kept (0: one chunk, fastest, most memory).",
+        "Response rows per lm_head chunk: one chunk's logits exist at a time, their gradient "
+        "taken in forward (0: all rows in one chunk, most memory).",
     )
     teacher_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _arg(
         "auto", "Teacher weights dtype; 'auto' follows the training precision (--bf16 / --fp16)."

@@ -2,8 +2,8 @@
 
 A DBiLD-family term splits into a no-grad selection (led top-k ids and the teacher's values
 there, `[n, ΣK]`) and a differentiable loss on the student side's values at those ids, so the
-engine can compute the selection once per chunk, share the teacher-led branch between terms and
-keep it for the recompute in backward. A full-vocabulary KL term needs both `[n, V]` sides.
+engine can compute the selection once per chunk and share the teacher-led branch between terms.
+A full-vocabulary KL term needs both `[n, V]` sides.
 A non-finite sum is returned, not raised: the trainer checks every term and decides on all
 data-parallel ranks alike.
 """

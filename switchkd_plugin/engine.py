@@ -7,26 +7,28 @@
     loss  = w_ce CE(z_S) + w_align D(z_S, z_T) + w_vsd D(z_W, z_T)
 
 Each decoder runs to hidden states; only rows whose shifted label is supervised go through an
-lm_head, in chunks, so `[batch, seq, vocab]` logits never exist. Pathways may place image tokens
-differently, so rows are matched by (sample, rank among the sample's supervised tokens).
+lm_head, in chunks, so `[batch, seq, vocab]` logits never exist; each chunk's gradient is taken
+as its loss is known (`loss_stage.py`), so no lm_head runs again in backward. Pathways may place
+image tokens differently, so rows are matched by (sample, rank among the sample's supervised
+tokens).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from .adapters import VLMAdapter
 from .config import SwitchKDArguments
 from .constants import IGNORE_INDEX
-from .divergences import DBiLDTerm, FullKLTerm, make_divergence
+from .divergences import DBiLDTerm, make_divergence
 from .layer_checkpoint import checkpoint_each_layer
+from .loss_stage import chunked_loss
 from .losses import KStats
 from .teacher_calls import TeacherCalls
 
@@ -108,6 +110,9 @@ class SwitchKDEngine:
             without any response token included.
         teacher_calls: how the teacher's passes and lm_head are called (default: directly;
             `ShardedTeacherCalls` for a ZeRO-3 sharded teacher).
+        sharded_student_head: for a student lm_head whose parameters are sharded (ZeRO-3), a
+            context in which they hold their full values (gathered); the loss stage runs in it,
+            and its backward reaches them through a call of the head (`loss_stage.py`).
     """
 
     def __init__(
@@ -119,6 +124,7 @@ class SwitchKDEngine:
         run_switch: bool,
         agree_chunks: Callable[[int], int] | None = None,
         teacher_calls: TeacherCalls | None = None,
+        sharded_student_head: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
         if teacher is None and args.needs_teacher:
             raise ValueError("the align and switch terms need a teacher adapter")
@@ -126,6 +132,7 @@ class SwitchKDEngine:
         if teacher_calls is None and teacher is not None:
             teacher_calls = TeacherCalls(teacher)
         self.teacher_calls = teacher_calls
+        self.sharded_student_head = sharded_student_head
         self.agree_chunks = agree_chunks
         self.vocab = distill_vocab_size
         self.run_align = teacher is not None and args.w_align > 0
@@ -136,8 +143,6 @@ class SwitchKDEngine:
         used = (self.run_align, self.run_switch)
         pairs = zip((self.align_divergence, self.vsd_divergence), used, strict=True)
         terms = [term for term, in_use in pairs if in_use]
-        # Full-vocabulary KL needs the teacher's [c, V] logits again when a chunk is recomputed.
-        self.teacher_logits_in_backward = any(isinstance(t, FullKLTerm) for t in terms)
         # Both terms compare against the same teacher rows: one teacher-led top-k serves both.
         dbild = [t for t in terms if isinstance(t, DBiLDTerm) and t.teacher_led]
         same_rule = len(dbild) == 2 and dbild[0].rule == dbild[1].rule
@@ -182,19 +187,15 @@ class SwitchKDEngine:
     def _chunk_terms(
         self,
         student_hidden: Tensor,
+        switch_hidden: Tensor | None,
         targets: Tensor,
         teacher_hidden: Tensor | None,
-        switch_hidden: Tensor | None,
         distill_mask: Tensor | None,
         teacher_head: Callable[[Tensor], Tensor] | None,
-        selections: dict,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, KStats | None]]:
-        """Weighted loss, ce, align, vsd sums and k statistics over one chunk of rows `[c, H]`.
-
-        `selections` starts empty and keeps each DBiLD term's no-grad selection (`[c, ΣK]`):
-        when backward recomputes the chunk, the teacher's lm_head and every top-k are not run
-        again (only the differentiable student and switch logits are).
-        """
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, dict[str, KStats | None]]]:
+        """Weighted loss over one chunk of rows `[c, H]`, and (detached) its ce, align and vsd
+        sums and k statistics. Runs once per chunk (`loss_stage`): the teacher's lm_head and
+        the teacher-led top-k once, shared by align and VSD."""
         student_logits = self.student.lm_head(student_hidden)  # [c, V_student]
         ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
         align = vsd = ce.new_zeros(())
@@ -206,12 +207,10 @@ class SwitchKDEngine:
             logits = logits[:, : self.vocab]
             return logits if distill_mask is None else logits[distill_mask]
 
-        first_pass = not selections
-        teacher_logits = teacher_led = None
-        if first_pass or self.teacher_logits_in_backward:
-            with torch.no_grad():
-                teacher_logits = distilled(teacher_head(teacher_hidden))
-        if first_pass and self.shared_teacher_rule is not None:
+        with torch.no_grad():
+            teacher_logits = distilled(teacher_head(teacher_hidden))
+        teacher_led = None
+        if self.shared_teacher_rule is not None:
             teacher_led = self.shared_teacher_rule.select(teacher_logits)
         parts = []
         if self.run_align:
@@ -222,9 +221,8 @@ class SwitchKDEngine:
         for name, term, logits in parts:
             side = distilled(logits)
             if isinstance(term, DBiLDTerm):
-                if first_pass:
-                    selections[name] = term.select(side, teacher_logits, teacher_led)
-                values[name], stats[name] = term(side, selections[name])
+                selection = term.select(side, teacher_logits, teacher_led)
+                values[name], stats[name] = term(side, selection)
             else:
                 values[name], stats[name] = term(side, teacher_logits), None
         return self._weighted(ce, values.get("align", align), values.get("vsd", vsd), stats)
@@ -232,7 +230,7 @@ class SwitchKDEngine:
     def _weighted(self, ce: Tensor, align: Tensor, vsd: Tensor, stats: dict):
         args = self.args
         loss = args.w_ce * ce + args.w_align * align + args.w_vsd * vsd
-        return loss, ce.detach(), align.detach(), vsd.detach(), stats
+        return loss, (ce.detach(), align.detach(), vsd.detach(), stats)
 
     def __call__(self, batch: dict) -> StepTerms:
         """batch: `input_ids`, `attention_mask`, `labels` `[B, T]` and the images
@@ -262,29 +260,31 @@ class SwitchKDEngine:
         chunks = max(1, -(-n // chunk))
         if self.agree_chunks is not None:
             chunks = self.agree_chunks(chunks)
-        losses, term_sums, stats_parts = [], [], []
-        for index in range(chunks):
-            part = slice(index * chunk, (index + 1) * chunk)
-            pieces = (
-                rows.hidden[part],
+
+        def chunk_terms(student_rows: Tensor, switch_rows: Tensor | None, part: slice):
+            return self._chunk_terms(
+                student_rows,
+                switch_rows,
                 rows.targets[part],
                 None if teacher_hidden is None else teacher_hidden[part],
-                None if switch_hidden is None else switch_hidden[part],
                 None if distill_mask is None else distill_mask[part],
                 teacher_head,
-                {},
             )
-            if chunks > 1:  # keep one chunk's logits alive at a time; recompute them in backward
-                loss, *sums, stats = checkpoint(self._chunk_terms, *pieces, use_reentrant=False)
-            else:
-                loss, *sums, stats = self._chunk_terms(*pieces)
-            losses.append(loss)
-            term_sums.append(torch.stack(sums))  # detached: for logging only
-            stats_parts.append(stats)
+
+        head = self.student.lm_head
+        sharded = self.sharded_student_head
+        with nullcontext() if sharded is None else sharded():
+            probe = None if sharded is None else head(rows.hidden[:0])
+            loss, extras = chunked_loss(
+                chunk_terms, chunks, chunk, rows.hidden, switch_hidden, list(head.parameters()),
+                probe,
+            )  # fmt: skip
+        term_sums = [torch.stack(sums) for *sums, _ in extras]  # detached: for logging only
+        stats_parts = [stats for *_, stats in extras]
         ce, align, vsd = torch.stack(term_sums).sum(0)
         distilled = n if distill_mask is None else int(distill_mask.sum())
         return StepTerms(
-            loss=torch.stack(losses).sum(),
+            loss=loss,
             ce=ce,
             align=align if self.run_align else None,
             vsd=vsd if self.run_switch else None,

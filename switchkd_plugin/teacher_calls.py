@@ -8,11 +8,12 @@ when the submodule is called. Two things follow:
   module's forward pre-hook. Calling submodules directly never starts one (every gather blocks,
   and the unfinished trace grows each step), so one step's teacher passes run inside one call of
   the root module.
-- A chunk of the loss stage recomputed in backward calls the teacher's lm_head again. The
-  module's hooks release the weight as that recompute returns, before backward uses it
-  (DeepSpeed 0.19, several ranks): the loss stage uses a gathered frozen copy of the weight
-  instead, `[V, H_T]` in the teacher's dtype, held from the loss stage's forward to its backward
-  (Qwen2.5-3B: 151,936 x 2,048 bf16 = 0.62 GB per rank).
+- The loss stage calls the teacher's lm_head twice per chunk, once without grad (the teacher's
+  rows) and once under autograd inside the stage's forward (the switch rows' gradient is taken
+  there, `loss_stage.py`). It uses a gathered frozen copy of the weight instead of the module:
+  one gather per micro-batch, none of the module's hooks inside that autograd call. The copy is
+  `[V, H_T]` in the teacher's dtype, held for the loss stage's forward (Qwen2.5-3B: 151,936 x
+  2,048 bf16 = 0.62 GB per rank).
 """
 
 from __future__ import annotations

@@ -319,7 +319,7 @@ class SwitchKDTrainerMixin:
         if teacher_adapter is not None and self._teacher_sharded:
             calls = ShardedTeacherCalls(teacher_adapter)
             if not chunk_safe_when_sharded(teacher_adapter) and args.lm_head_chunk_size:
-                # Its recompute in backward would call the sharded module (teacher_calls.py).
+                # The loss stage gathers a copy of a Linear head only (teacher_calls.py).
                 logger.warning(
                     "Switch-KD: the sharded teacher's lm_head is a %s, not a Linear: the "
                     "lm_heads run on all response rows at once (--lm_head_chunk_size is not "
@@ -327,8 +327,22 @@ class SwitchKDTrainerMixin:
                     type(teacher_adapter.lm_head).__name__,
                 )
                 engine_args = replace(engine_args, lm_head_chunk_size=0)
+        gathered_head = None
+        if _zero3():
+            import deepspeed
+
+            head_params = list(student.lm_head.parameters())
+            # A collective: every rank runs the loss stage of every micro-batch.
+            gathered_head = lambda: deepspeed.zero.GatheredParameters(head_params)  # noqa: E731
         return SwitchKDEngine(
-            student, teacher_adapter, engine_args, vocab, run_switch, agree, teacher_calls=calls
+            student,
+            teacher_adapter,
+            engine_args,
+            vocab,
+            run_switch,
+            agree,
+            teacher_calls=calls,
+            sharded_student_head=gathered_head,
         )
 
     @property

@@ -100,8 +100,7 @@ class DBiLDSelection:
     """Every led branch of one DBiLD term over n rows, and the teacher's values at their ids.
 
     The no-grad half of the loss: computed once per chunk (the teacher-led branch can be shared
-    by several terms on the same teacher rows) and kept, at `[n, ΣK]`, for a recompute in
-    backward that then needs neither the teacher logits nor any top-k.
+    by several terms on the same teacher rows), `[n, ΣK]`.
     """
 
     sides: tuple[str, ...]  # "teacher" / "student", in `branches` order
