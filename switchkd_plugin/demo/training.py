@@ -31,28 +31,6 @@ def plain_sft() -> SwitchKDArguments:
     return SwitchKDArguments(distill="switchkd", w_align=0.0, w_vsd=0.0, teacher_model_path=None)
 
 
-class KeptItems(Dataset):
-    """``dataset`` with each item computed once and kept: a demo split's items are the same on
-    every read (no augmentation), and re-reading an image and re-tokenising its text each step
-    cost a fifth of a tiny model's step. A 4000-sample split keeps ~50 MB. Reads get copies
-    (the Factory's collator edits its items' ``input_ids`` in place)."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-        self._items: dict[int, Any] = {}
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if i not in self._items:
-            self._items[i] = self.dataset[i]
-        return {
-            key: value.clone() if isinstance(value, torch.Tensor) else value
-            for key, value in self._items[i].items()
-        }
-
-
 class BestCheckpoint(transformers.TrainerCallback):
     """Early stopping (``EarlyStopping``): scores the model every ``eval_every`` steps and at the
     last one, keeps a copy of the best state, and stops after ``patience`` scores without a gain.
@@ -128,7 +106,7 @@ def train(
         switchkd_args=switchkd,
         teacher_model=teacher,
         teacher_tokenizer=tokenizer if teacher is not None else None,
-        train_dataset=KeptItems(dataset),
+        train_dataset=dataset,
         data_collator=collator,
         **{_TOKENIZER_KWARG: tokenizer},
     )
