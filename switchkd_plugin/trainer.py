@@ -8,6 +8,7 @@ Factory (whose sampler and optimizer parameter groups then still apply).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 from collections import defaultdict
@@ -333,7 +334,7 @@ class SwitchKDTrainerMixin:
 
             head_params = list(student.lm_head.parameters())
             # A collective: every rank runs the loss stage of every micro-batch.
-            gathered_head = lambda: deepspeed.zero.GatheredParameters(head_params)  # noqa: E731
+            gathered_head = functools.partial(deepspeed.zero.GatheredParameters, head_params)
         return SwitchKDEngine(
             student,
             teacher_adapter,
