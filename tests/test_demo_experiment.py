@@ -162,10 +162,13 @@ def test_replicate_with_early_stopping_writes_every_output_and_resumes(tmp_path,
     ]
     assert float(rows[1][OVERALL]) == pytest.approx(runs[0].accuracy[OVERALL], abs=1e-4)
     assert rows[1]["best_step"] == str(runs[0].best_step)
+    assert rows[1]["last_step"] == str(runs[0].val_history[-1][0])
     # The VSD term is logged for the Switch-KD students (the plot's data).
     assert all("vsd" in entry for entry in runs[1].log)
     first_table = (out / "results.md").read_text()
     assert "− sft, paired [95% CI]" in first_table and "best checkpoint evaluated" in first_table
+    at_budget = sum(run.val_history[-1][0] == 8 for run in runs)
+    assert f"{at_budget} of 4 runs ended at the budget" in first_table
     capsys.readouterr()
 
     again = replicate(config, tmp_path / "cache", out, seeds=2, variants=variants)

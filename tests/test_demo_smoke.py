@@ -68,17 +68,39 @@ def test_help_without_a_command_shows_the_default_commands_flags(capsys) -> None
     assert "replicate --help" in text
 
 
-def test_readme_demo_table_lists_exactly_the_cli_flags() -> None:
+def _readme_flag_rows() -> list[list[str]]:
+    """The cells of the demo section's flag table rows."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## The built-in demo", 1)[1].split("\n## ", 1)[0]
+    return [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| `--")]
+
+
+def test_readme_demo_table_lists_exactly_the_cli_flags() -> None:
     documented = {
-        flag
-        for line in section.splitlines()
-        if line.startswith("| `--")
-        for flag in re.findall(r"`(--[a-z-]+)`", line.split("|")[1])
+        flag for cells in _readme_flag_rows() for flag in re.findall(r"`(--[a-z-]+)`", cells[0])
     }
     commands = _parser()._subparsers._group_actions[0].choices
     assert documented == _flags(commands["run"]) | _flags(commands["replicate"])
+
+
+def test_readme_demo_table_gives_the_cli_integer_defaults() -> None:
+    """Each row whose default cell is integers, one per flag, states the CLI's defaults (of
+    `replicate` where the row says so, else of `run`)."""
+    commands = _parser()._subparsers._group_actions[0].choices
+    checked = 0
+    for flag_cell, default_cell, _ in _readme_flag_rows():
+        flags = re.findall(r"`(--[a-z-]+)`", flag_cell)
+        values = [value.strip() for value in default_cell.split(",")]
+        if len(values) != len(flags) or not all(value.isdigit() for value in values):
+            continue
+        command = commands["replicate" if "(`replicate`)" in flag_cell else "run"]
+        defaults = {
+            flag: action.default for action in command._actions for flag in action.option_strings
+        }
+        for flag, value in zip(flags, values, strict=True):
+            assert defaults[flag] == int(value), f"README says {flag} {value}, CLI {defaults[flag]}"
+            checked += 1
+    assert checked >= 6  # the step counts, --threads, --eval-every, --patience at least
 
 
 @pytest.mark.skipif(factory_import_error() is None, reason="TinyLLaVA Factory is importable here")

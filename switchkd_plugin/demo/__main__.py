@@ -59,7 +59,7 @@ _STEP_FLAGS = (
     ),
 )
 # replicate's student budget: early stopping usually ends a run well before it.
-REPLICATE_STUDENT_STEPS = 4000
+REPLICATE_STUDENT_STEPS = 6000
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:

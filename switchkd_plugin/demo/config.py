@@ -43,7 +43,9 @@ class EarlyStopping:
     checkpoint (the earliest one on ties) is the one evaluated on the test split."""
 
     eval_every: int = 200
-    patience: int = 3
+    # 3 (600 steps) stops runs on plateaus they later leave (measured: SFT seed 0 held val
+    # 0.545 from step 1600 to 2400, then rose to 0.79 by 4400; 3 ended it at 2200).
+    patience: int = 5
 
     def __post_init__(self) -> None:
         if self.eval_every < 1 or self.patience < 1:

@@ -160,7 +160,10 @@ def prepare_data(config: DemoConfig, cache_dir: Path) -> DemoData:
         data = check_dataset(Path(config.data_dir))
     else:
         data_dir = cache_dir / f"shapes-{stable_hash(config.data_key()['task'])}"
-        stage(f"dataset: {config.task.num_train} train / {config.task.num_test} test -> {data_dir}")
+        stage(
+            f"dataset: {config.task.num_train} train / {config.task.num_val} val / "
+            f"{config.task.num_test} test -> {data_dir}"
+        )
         data = check_dataset(write_llava_dataset(config.task, data_dir).root)
     stage(
         "question types: "

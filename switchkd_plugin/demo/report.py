@@ -190,11 +190,14 @@ def _settings(config: DemoConfig, runs: Sequence[StudentRun]) -> str:
     if rule is None:
         budget = f"{s.steps} steps each"
     else:
-        stopped = [run.best_step for run in runs if run.best_step is not None]
+        best = [run.best_step for run in runs if run.best_step is not None]
+        last = [run.last_step for run in runs if run.last_step is not None]
         budget = (
             f"at most {s.steps} steps, validation accuracy every {rule.eval_every} steps, stopped "
             f"after {rule.patience} evaluations without a gain, best checkpoint evaluated "
-            f"(best steps {min(stopped, default=0)}–{max(stopped, default=0)})"
+            f"(best steps {min(best, default=0)}–{max(best, default=0)}; "
+            f"{sum(step >= s.steps for step in last)} of {len(last)} runs ended at the budget, "
+            "not by early stopping)"
         )
     vision = (
         f"pretrained {v.steps} steps on per-cell shape/colour labels"
@@ -211,17 +214,17 @@ def _settings(config: DemoConfig, runs: Sequence[StudentRun]) -> str:
 
 
 def write_csv(path: Path, teacher: Accuracy, runs: Sequence[StudentRun]) -> None:
-    """One row per model and seed (the teacher: seed empty), accuracies as fractions, and the
-    step of the evaluated checkpoint (empty without early stopping)."""
+    """One row per model and seed (the teacher: seed empty), accuracies as fractions, the step
+    of the evaluated checkpoint and the step training ended at (empty without early stopping)."""
     columns = list(teacher)
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["model", "seed", *columns, "best_step"])
-        writer.writerow(["teacher", "", *(f"{teacher[c]:.4f}" for c in columns), ""])
+        writer.writerow(["model", "seed", *columns, "best_step", "last_step"])
+        writer.writerow(["teacher", "", *(f"{teacher[c]:.4f}" for c in columns), "", ""])
         for run in runs:
-            best = "" if run.best_step is None else run.best_step
+            steps = ["" if step is None else step for step in (run.best_step, run.last_step)]
             writer.writerow(
-                [run.variant, run.seed, *(f"{run.accuracy[c]:.4f}" for c in columns), best]
+                [run.variant, run.seed, *(f"{run.accuracy[c]:.4f}" for c in columns), *steps]
             )
 
 

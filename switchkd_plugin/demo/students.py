@@ -104,6 +104,12 @@ class StudentRun:
     val_history: list[list[float]] = field(default_factory=list)
     best_step: int | None = None
 
+    @property
+    def last_step(self) -> int | None:
+        """The step training ended at (its last validation score), None without early
+        stopping."""
+        return int(self.val_history[-1][0]) if self.val_history else None
+
 
 @dataclass
 class TrainedStudent:
