@@ -269,6 +269,28 @@ def test_hf_labels_supervise_exactly_the_answer(
         assert len(prompt) + len(answer_ids) == len(item["input_ids"])
 
 
+def test_hf_items_are_encoded_once_and_handed_out_as_copies(
+    shapes_data: LlavaDatasetPaths, tiny_tokenizer
+) -> None:
+    """The dataset keeps each encoded sample: what a caller does to an item in place must not
+    reach the next call's item."""
+    dataset = LlavaJsonDataset(shapes_data.train, shapes_data.image_folder, tiny_tokenizer)
+    fresh = LlavaJsonDataset(shapes_data.train, shapes_data.image_folder, tiny_tokenizer)
+    for item in (dataset[3], dataset.generation_inputs(3)):
+        for tensor in item.values():
+            tensor.fill_(7)
+    for got, expected in (
+        (dataset[3], fresh[3]),
+        (dataset.generation_inputs(3), fresh.generation_inputs(3)),
+    ):
+        assert got.keys() == expected.keys()
+        for key in got:
+            assert got[key].equal(expected[key]), key
+    assert dataset[3]["pixel_values"].equal(
+        load_pixel_values(shapes_data.image_folder / dataset.records[3]["image"], 32)
+    )
+
+
 def test_every_answer_is_compact(tiny_tokenizer) -> None:
     for answer in itertools.chain.from_iterable(ANSWERS.values()):
         assert len(tiny_tokenizer(f" {answer}").input_ids) <= 2, answer

@@ -103,6 +103,16 @@ def exact_match(prediction: str, answer: str) -> bool:
     return normalise_answer(prediction) == normalise_answer(answer)
 
 
+@dataclass(frozen=True)
+class _EncodedSample:
+    """One sample, tokenised and decoded: ``prompt_ids`` [P], ``response_ids`` [R],
+    ``pixel_values`` [3, H, W]. Kept for the dataset's life: callers get copies."""
+
+    prompt_ids: torch.Tensor
+    response_ids: torch.Tensor
+    pixel_values: torch.Tensor
+
+
 class LlavaJsonDataset(Dataset):
     """One split of a LLaVA JSON file + image folder, tokenised for HF LLaVA.
 
@@ -125,6 +135,10 @@ class LlavaJsonDataset(Dataset):
         self.chat = chat or ChatFormat()
         self.image_size = image_size
         self._image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        # Each sample is encoded once: training makes many epochs over the split and the
+        # replication scores the val split every few hundred steps (decoding the image and
+        # tokenising took a sixth of a small teacher's training step).
+        self._encoded: dict[int, _EncodedSample] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -141,25 +155,33 @@ class LlavaJsonDataset(Dataset):
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def _prompt_ids(self, i: int) -> list[int]:
-        ids = self._encode(self.chat.prompt(self.question(i)))
-        if ids.count(self._image_token_id) != self.chat.image_tokens:
+    def _encode_sample(self, i: int) -> _EncodedSample:
+        if i in self._encoded:
+            return self._encoded[i]
+        prompt = self._encode(self.chat.prompt(self.question(i)))
+        if prompt.count(self._image_token_id) != self.chat.image_tokens:
             raise ValueError(
                 f"the tokenizer turned {self.chat.image_tokens} {IMAGE_TOKEN} placeholders into "
-                f"{ids.count(self._image_token_id)} image token ids: is {IMAGE_TOKEN} one of its "
-                "special tokens?"
+                f"{prompt.count(self._image_token_id)} image token ids: is {IMAGE_TOKEN} one of "
+                "its special tokens?"
             )
-        return ids
-
-    def _pixel_values(self, i: int) -> torch.Tensor:
-        return load_pixel_values(self.image_folder / self.records[i]["image"], self.image_size)
+        sample = _EncodedSample(
+            prompt_ids=torch.tensor(prompt),
+            response_ids=torch.tensor(self._encode(self.chat.response(self.answer(i)))),
+            pixel_values=load_pixel_values(
+                self.image_folder / self.records[i]["image"], self.image_size
+            ),
+        )
+        self._encoded[i] = sample
+        return sample
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        prompt, response = self._prompt_ids(i), self._encode(self.chat.response(self.answer(i)))
+        sample = self._encode_sample(i)
+        ignored = torch.full_like(sample.prompt_ids, IGNORE_INDEX)
         return {
-            "input_ids": torch.tensor(prompt + response),
-            "labels": torch.tensor([IGNORE_INDEX] * len(prompt) + response),
-            "pixel_values": self._pixel_values(i),
+            "input_ids": torch.cat([sample.prompt_ids, sample.response_ids]),
+            "labels": torch.cat([ignored, sample.response_ids]),
+            "pixel_values": sample.pixel_values.clone(),
         }
 
     def generation_inputs(self, i: int) -> dict[str, torch.Tensor]:
@@ -167,11 +189,11 @@ class LlavaJsonDataset(Dataset):
 
         ``input_ids`` [1, T], ``attention_mask`` [1, T], ``pixel_values`` [1, 3, H, W].
         """
-        prompt = torch.tensor([self._prompt_ids(i)])
+        sample = self._encode_sample(i)
         return {
-            "input_ids": prompt,
-            "attention_mask": torch.ones_like(prompt),
-            "pixel_values": self._pixel_values(i)[None],
+            "input_ids": sample.prompt_ids[None].clone(),
+            "attention_mask": torch.ones_like(sample.prompt_ids)[None],
+            "pixel_values": sample.pixel_values[None].clone(),
         }
 
 
