@@ -269,7 +269,7 @@ def test_hf_labels_supervise_exactly_the_answer(
         assert len(prompt) + len(answer_ids) == len(item["input_ids"])
 
 
-def test_hf_items_are_encoded_once_and_handed_out_as_copies(
+def test_hf_items_the_dataset_keeps_are_handed_out_as_copies(
     shapes_data: LlavaDatasetPaths, tiny_tokenizer
 ) -> None:
     """The dataset keeps each encoded sample: what a caller does to an item in place must not
