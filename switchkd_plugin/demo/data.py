@@ -13,11 +13,10 @@ Each JSON file is a list of samples::
 
 ``image`` is relative to ``DIR/images`` and must stay inside it (symlinks followed); every image
 must decode as training decodes it; ``<image>`` appears once in the human turn and never in the
-answer. ``question_type`` is any non-empty string (the report
-gives one accuracy column per type); the answer is scored by exact match after lowercasing and
-removing punctuation. Every question type of val and test must occur in train. ``val`` is the
-students' early-stopping split (it may be empty without early stopping), ``test`` the
-reported one.
+answer. ``question_type`` is any non-empty string (the report gives one accuracy column per
+type); the answer is scored by exact match after lowercasing and removing punctuation. Every
+question type of val and test must occur in train. ``val`` is the students' early-stopping split
+(it may be empty without early stopping), ``test`` the reported one.
 
 The check reads every file once and hashes the bytes it read (``DemoData.content_digest``): the
 cache keys of a dataset directory follow its content, not its path.
