@@ -98,6 +98,13 @@ def _set(field: str, value):
             _set("conversations", [{"from": "human", "value": "<image>q"}, {"from": "gpt"}]),
             "field 'conversations'",
         ),
+        (
+            _set(
+                "conversations",
+                [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "<image>"}],
+            ),
+            "field 'conversations': the gpt answer holds an <image>",
+        ),
     ],
 )
 def test_a_malformed_sample_names_its_file_index_id_and_field(
@@ -111,10 +118,92 @@ def test_a_malformed_sample_names_its_file_index_id_and_field(
     assert f"val.json, sample 3 (id {record_id!r})" in text and message in text
 
 
+def _outside_image(root: Path) -> Path:
+    """A valid PNG next to ``root/images``, not in it."""
+    outside = root / "outside.png"
+    shutil.copy(next((root / "images").glob("*.png")), outside)
+    return outside
+
+
+def _dot_dot(root: Path) -> str:
+    _outside_image(root)
+    return "../outside.png"
+
+
+def _absolute(root: Path) -> str:
+    return str(_outside_image(root))
+
+
+def _symlink_out(root: Path) -> str:
+    (root / "images" / "link.png").symlink_to(_outside_image(root))
+    return "link.png"
+
+
+def _truncated(root: Path) -> str:
+    image = next((root / "images").glob("*.png")).read_bytes()
+    (root / "images" / "truncated.png").write_bytes(image[: len(image) // 2])
+    return "truncated.png"
+
+
+def _text(root: Path) -> str:
+    (root / "images" / "text.png").write_text("not an image")
+    return "text.png"
+
+
+# Each makes a file (or none) under the dataset's root and returns the `image` field naming it.
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (_dot_dot, "is not a path inside"),
+        (_absolute, "is not a path inside"),
+        (lambda root: "/etc/hostname", "is not a path inside"),
+        (_symlink_out, "is not a path inside"),
+        (_truncated, "truncated.png does not decode as an image (OSError"),
+        (_text, "text.png does not decode as an image (UnidentifiedImageError"),
+    ],
+    ids=["dot-dot", "absolute", "absolute-system", "symlink-out", "truncated", "text"],
+)
+def test_an_image_outside_the_folder_or_undecodable_is_refused_at_check_time(
+    dataset_dir: Path, tmp_path: Path, make, message: str
+) -> None:
+    root = _copy_with(dataset_dir, tmp_path, "val", lambda records: records)
+    records = json.loads((root / "val.json").read_text())
+    records[3]["image"] = make(root)
+    (root / "val.json").write_text(json.dumps(records))
+    with pytest.raises(DatasetFormatError) as error:
+        check_dataset(root)
+    text = str(error.value)
+    where = f"val.json, sample 3 (id {records[3]['id']!r}): field 'image': "
+    assert where in text and message in text, text
+
+
+def test_the_cache_keys_follow_the_datasets_content_not_its_path(
+    dataset_dir: Path, tmp_path: Path
+) -> None:
+    def teacher_key(root: Path) -> str:
+        config = dataclasses.replace(SMOKE_CONFIG, data_dir=str(root))
+        return config.teacher_key("hf_llava", check_dataset(root).content_digest)
+
+    original = teacher_key(dataset_dir)
+    root = _copy_with(dataset_dir, tmp_path, "test", lambda records: records)
+    assert teacher_key(root) == original  # moved, same content: the same teacher
+    train = json.loads((root / "train.json").read_text())
+    first, second = (root / "images" / r["image"] for r in train[:2])
+    first.write_bytes(second.read_bytes())
+    changed_image = teacher_key(root)
+    assert changed_image != original
+    _rewrite_answers(root)
+    assert teacher_key(root) not in (original, changed_image)
+    with pytest.raises(ValueError, match="pass the content_digest"):
+        dataclasses.replace(SMOKE_CONFIG, data_dir=str(root)).teacher_key("hf_llava")
+    # The generated task is identified by its config, which decides every file written.
+    assert SMOKE_CONFIG.teacher_key("hf_llava", "a") == SMOKE_CONFIG.teacher_key("hf_llava", "b")
+
+
 def test_whole_file_problems_are_named(dataset_dir: Path, tmp_path: Path) -> None:
     root = _copy_with(dataset_dir, tmp_path, "test", lambda records: records)
     (root / "test.json").write_text("[{")
-    with pytest.raises(DatasetFormatError, match=r"test\.json: not valid JSON"):
+    with pytest.raises(DatasetFormatError, match=r"test\.json: not valid UTF-8 JSON"):
         check_dataset(root)
     (root / "test.json").write_text("{}")
     with pytest.raises(DatasetFormatError, match=r"test\.json: must be a non-empty JSON list"):
@@ -160,3 +249,24 @@ def test_a_run_on_a_dataset_directory(dataset_dir: Path, tmp_path: Path) -> None
     for name, value in teacher_vision.items():
         assert torch.equal(student_vision[name], value), name
     assert not list(tmp_path.glob("vision-*"))  # nothing was pretrained
+
+
+def _rewrite_answers(root: Path) -> None:
+    train = json.loads((root / "train.json").read_text())
+    for record in train:
+        record["conversations"][1]["value"] = "rewritten"
+    (root / "train.json").write_text(json.dumps(train))
+
+
+def test_a_rewritten_dataset_trains_a_new_teacher(dataset_dir: Path, tmp_path: Path) -> None:
+    root = _copy_with(dataset_dir, tmp_path, "train", lambda records: records)
+    config = dataclasses.replace(
+        SMOKE_CONFIG,
+        host="hf_llava",
+        data_dir=str(root),
+        teacher_schedule=TrainSchedule(steps=1, learning_rate=1e-3, batch_size=4),
+    )
+    prepare(config, tmp_path / "cache")
+    _rewrite_answers(root)  # the same path, other answers
+    prepare(config, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("teacher-*"))) == 2

@@ -20,7 +20,7 @@ import transformers
 
 from switchkd_plugin.demo.cache import DEFAULT_CACHE_DIR
 from switchkd_plugin.demo.config import DEFAULT_CONFIG, DemoConfig, EarlyStopping
-from switchkd_plugin.demo.data import DatasetFormatError, check_dataset
+from switchkd_plugin.demo.data import DatasetFormatError
 from switchkd_plugin.demo.hosts import HOSTS, host_for
 from switchkd_plugin.demo.pipeline import run_default
 from switchkd_plugin.demo.progress import stage
@@ -210,20 +210,20 @@ def main(argv: list[str] | None = None) -> None:
             host_for(args.host)  # before any work: a missing Factory is a usage error
         except ImportError as error:
             parser.error(str(error))
-    if args.data is not None:
-        try:
-            check_dataset(args.data)  # before any work: a malformed file is a usage error
-        except DatasetFormatError as error:
-            parser.error(str(error))
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()  # the Trainer's set-up notices drown the bars
     start = time.perf_counter()
-    if args.command == "replicate":
-        from switchkd_plugin.demo.experiment import replicate
+    # The data stage checks the dataset (one read of it) before any training or cache write:
+    # a malformed file is a usage error.
+    try:
+        if args.command == "replicate":
+            from switchkd_plugin.demo.experiment import replicate
 
-        replicate(_config(args), args.cache_dir, args.out, args.seeds, args.variants)
-    else:
-        run_default(_config(args), args.cache_dir, seed=args.seed)
+            replicate(_config(args), args.cache_dir, args.out, args.seeds, args.variants)
+        else:
+            run_default(_config(args), args.cache_dir, seed=args.seed)
+    except DatasetFormatError as error:
+        parser.error(str(error))
     stage(f"done in {time.perf_counter() - start:.0f} s")
 
 

@@ -98,22 +98,29 @@ class DemoConfig:
         """Whether the shared vision encoder is pretrained on cell labels (shapes task only)."""
         return self.data_dir is None
 
-    def data_key(self) -> dict[str, Any]:
-        """What identifies the data: the task's config, or the dataset's directory."""
+    def data_key(self, content_digest: str | None) -> dict[str, Any]:
+        """What identifies the data: the task's config (it decides every file the generator
+        writes), or a dataset directory's content, ``content_digest`` (``check_dataset``'s
+        ``DemoData.content_digest``): rewriting any of its files changes every key."""
         if self.data_dir is None:
             return {"task": dataclasses.asdict(self.task)}
-        return {"data_dir": self.data_dir}
+        if content_digest is None:
+            raise ValueError(
+                f"the cache keys of {self.data_dir} follow its content: pass the content_digest "
+                "that switchkd_plugin.demo.data.check_dataset returned for it"
+            )
+        return {"data_content": content_digest}
 
-    def vision_key(self, host: str) -> str:
+    def vision_key(self, host: str, content_digest: str | None = None) -> str:
         """Hash of everything the shared vision encoder's weights depend on (transformers'
         version included: state-dict layouts differ across releases); ``host``: the resolved
-        host name."""
+        host name; ``content_digest``: as ``data_key`` takes it."""
         return stable_hash(
             {
                 "version": MODEL_CACHE_VERSION,
                 "transformers": transformers.__version__,
                 "host": host,
-                **self.data_key(),
+                **self.data_key(content_digest),
                 "teacher": dataclasses.asdict(self.teacher),
                 "vision_schedule": (
                     dataclasses.asdict(self.vision_schedule) if self.pretrains_vision else None
@@ -121,24 +128,24 @@ class DemoConfig:
             }
         )
 
-    def teacher_key(self, host: str) -> str:
+    def teacher_key(self, host: str, content_digest: str | None = None) -> str:
         """Hash of everything the trained teacher depends on."""
         return stable_hash(
             {
-                "vision": self.vision_key(host),
+                "vision": self.vision_key(host, content_digest),
                 "schedule": dataclasses.asdict(self.teacher_schedule),
                 "system_prompt": self.system_prompt,
             }
         )
 
-    def student_key(self, host: str, seed: int) -> str:
+    def student_key(self, host: str, seed: int, content_digest: str | None = None) -> str:
         """Hash of everything a warmed-up student of ``seed`` depends on."""
         return stable_hash(
             {
                 # Without vision pretraining the students start from the teacher's encoder.
-                "vision": self.vision_key(host)
+                "vision": self.vision_key(host, content_digest)
                 if self.pretrains_vision
-                else self.teacher_key(host),
+                else self.teacher_key(host, content_digest),
                 "student": dataclasses.asdict(self.student),
                 "warmup": dataclasses.asdict(self.student_warmup),
                 "system_prompt": self.system_prompt,

@@ -11,20 +11,29 @@ Each JSON file is a list of samples::
      "conversations": [{"from": "human", "value": "<image>\\nwhat colour is the circle?"},
                        {"from": "gpt", "value": "red"}]}
 
-``image`` is relative to ``DIR/images``; ``question_type`` is any non-empty string (the report
-gives one accuracy column per type); the answer is scored by exact match after lowercasing and
-removing punctuation. Every question type of val and test must occur in train. ``val`` is the
-students' early-stopping split (it may be empty without early stopping), ``test`` the
-reported one.
+``image`` is relative to ``DIR/images`` and must stay inside it (symlinks followed); every image
+must decode as training decodes it; ``<image>`` appears once in the human turn and never in the
+answer. ``question_type`` is any non-empty string (the report gives one accuracy column per
+type); the answer is scored by exact match after lowercasing and removing punctuation. Every
+question type of val and test must occur in train. ``val`` is the students' early-stopping split
+(it may be empty without early stopping), ``test`` the reported one.
+
+The check reads every file once and hashes the bytes it read (``DemoData.content_digest``): the
+cache keys of a dataset directory follow its content, not its path.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from switchkd_plugin.demo.config import DemoConfig, stable_hash
 from switchkd_plugin.demo.evaluation import OVERALL, Accuracy
@@ -35,7 +44,6 @@ from switchkd_plugin.demo.shapes import (
     SPLITS,
     LlavaDatasetPaths,
     Split,
-    load_records,
     write_llava_dataset,
 )
 
@@ -50,6 +58,8 @@ class DemoData:
     answers: dict[str, frozenset[str]]
     test_counts: dict[str, int]
     val_size: int
+    # SHA-256 of the split files' bytes and of each image's bytes they name.
+    content_digest: str
 
     def chance_accuracy(self) -> Accuracy:
         """Expected accuracy of a uniform guess among each type's answers; overall weighs the
@@ -72,9 +82,9 @@ def _fail(path: Path, index: int | None, record: Any, problem: str) -> DatasetFo
     return DatasetFormatError(f"{where}: {problem} (the format is in switchkd_plugin/demo/data.py)")
 
 
-def _check_record(path: Path, index: int, record: Any, image_folder: Path) -> tuple[str, str]:
-    """(question type, answer) of a valid record; else a ``DatasetFormatError`` naming the sample
-    and the field."""
+def _check_fields(path: Path, index: int, record: Any) -> tuple[str, str, str]:
+    """(question type, answer, image name) of a record whose fields are valid; else a
+    ``DatasetFormatError`` naming the sample and the field."""
     if not isinstance(record, dict):
         raise _fail(
             path, index, record, f"a sample must be a JSON object, got {type(record).__name__}"
@@ -85,9 +95,8 @@ def _check_record(path: Path, index: int, record: Any, image_folder: Path) -> tu
     question_type = record["question_type"]
     if not isinstance(question_type, str) or not question_type.strip():
         raise _fail(path, index, record, "field 'question_type' must be a non-empty string")
-    image = record["image"]
-    if not isinstance(image, str) or not (image_folder / image).is_file():
-        raise _fail(path, index, record, f"field 'image': no file {image_folder / str(image)}")
+    if not isinstance(record["image"], str):
+        raise _fail(path, index, record, "field 'image' must be a string")
     turns = record["conversations"]
     shape_ok = (
         isinstance(turns, list)
@@ -104,32 +113,97 @@ def _check_record(path: Path, index: int, record: Any, image_folder: Path) -> tu
         )
     if turns[0]["value"].count("<image>") != 1:
         raise _fail(path, index, record, "field 'conversations': the human turn needs one <image>")
+    # Training turns each <image> into one image's features: one in the answer asks for more.
+    if "<image>" in turns[1]["value"]:
+        raise _fail(path, index, record, "field 'conversations': the gpt answer holds an <image>")
     if not turns[1]["value"].strip():
         raise _fail(path, index, record, "field 'conversations': the gpt answer is empty")
-    return question_type, turns[1]["value"]
+    return question_type, turns[1]["value"], record["image"]
+
+
+class _DatasetReader:
+    """Reads a dataset's files once each, hashing every byte read, and decodes each image as
+    training does."""
+
+    def __init__(self, image_folder: Path) -> None:
+        self.image_folder = image_folder
+        self._resolved_folder = image_folder.resolve()
+        self._digest = hashlib.sha256()
+        self._images_read: set[Path] = set()
+
+    def _absorb(self, name: str, content: bytes) -> None:
+        # Name and length first: no two different file sequences hash the same stream.
+        self._digest.update(f"{name}\0{len(content)}\0".encode())
+        self._digest.update(content)
+
+    def read_split(self, path: Path) -> bytes:
+        content = path.read_bytes()
+        self._absorb(path.name, content)
+        return content
+
+    def check_image(self, path: Path, index: int, record: dict[str, Any], image: str) -> None:
+        """Refuse an ``image`` outside the image folder (absolute, ``..``, or a symlink out) or
+        one that does not decode; read and hash each distinct file once."""
+        try:
+            file = (self.image_folder / image).resolve()
+        except (OSError, RuntimeError, ValueError) as error:  # a symlink loop, a NUL byte
+            raise _fail(path, index, record, f"field 'image': {image!r}: {error}") from error
+        if Path(image).is_absolute() or not file.is_relative_to(self._resolved_folder):
+            raise _fail(
+                path,
+                index,
+                record,
+                f"field 'image': {image!r} is not a path inside {self.image_folder} relative to "
+                f"it (it leads to {file})",
+            )
+        if not file.is_file():
+            raise _fail(path, index, record, f"field 'image': no file {self.image_folder / image}")
+        if file in self._images_read:
+            return
+        try:
+            content = file.read_bytes()
+            # Decoded as hf_data.load_pixel_values and the Factory do: a broken file fails here.
+            Image.open(io.BytesIO(content)).convert("RGB")
+        except OSError as error:  # PIL.UnidentifiedImageError is one
+            raise _fail(
+                path,
+                index,
+                record,
+                f"field 'image': {file} does not decode as an image ({type(error).__name__}: "
+                f"{error})",
+            ) from error
+        self._absorb(file.relative_to(self._resolved_folder).as_posix(), content)
+        self._images_read.add(file)
+
+    def content_digest(self) -> str:
+        return self._digest.hexdigest()
 
 
 def check_dataset(root: Path) -> DemoData:
-    """Check every sample of ``root``'s three splits (``DatasetFormatError`` at the first bad one:
-    file, sample index and id, field) and describe the dataset."""
+    """Check every sample of ``root``'s three splits and decode every image
+    (``DatasetFormatError`` at the first bad one: file, sample index and id, field) and describe
+    the dataset, its content digest included."""
     paths = LlavaDatasetPaths.under(root)
     if not paths.image_folder.is_dir():
         raise DatasetFormatError(f"{root}: no image folder {paths.image_folder}")
+    reader = _DatasetReader(paths.image_folder)
     seen: dict[Split, list[tuple[str, str]]] = {}
     for split in SPLITS:
         path = paths.split(split)
         if not path.is_file():
             raise DatasetFormatError(f"{root}: no {path.name} (train, val and test are needed)")
-        try:
-            records = load_records(path)
-        except json.JSONDecodeError as error:
-            raise DatasetFormatError(f"{path}: not valid JSON ({error})") from error
+        try:  # UTF-8, as load_records reads it for training
+            records = json.loads(reader.read_split(path).decode("utf-8"))
+        except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError
+            raise DatasetFormatError(f"{path}: not valid UTF-8 JSON ({error})") from error
         # val may be empty: only early stopping reads it (and says so when it is empty).
         if not isinstance(records, list) or (not records and split != "val"):
             raise DatasetFormatError(f"{path}: must be a non-empty JSON list of samples")
-        seen[split] = [
-            _check_record(path, i, record, paths.image_folder) for i, record in enumerate(records)
-        ]
+        seen[split] = []
+        for index, record in enumerate(records):
+            question_type, answer, image = _check_fields(path, index, record)
+            reader.check_image(path, index, record, image)
+            seen[split].append((question_type, answer))
     train_types = {kind for kind, _ in seen["train"]}
     for split in ("val", "test"):
         missing = {kind for kind, _ in seen[split]} - train_types
@@ -149,6 +223,7 @@ def check_dataset(root: Path) -> DemoData:
         {kind: frozenset(values) for kind, values in answers.items()},
         {kind: test_counts.get(kind, 0) for kind in kinds},
         len(seen["val"]),
+        reader.content_digest(),
     )
 
 
@@ -159,7 +234,7 @@ def prepare_data(config: DemoConfig, cache_dir: Path) -> DemoData:
         stage(f"dataset: {config.data_dir} (checking every sample)")
         data = check_dataset(Path(config.data_dir))
     else:
-        data_dir = cache_dir / f"shapes-{stable_hash(config.data_key()['task'])}"
+        data_dir = cache_dir / f"shapes-{stable_hash(dataclasses.asdict(config.task))}"
         stage(
             f"dataset: {config.task.num_train} train / {config.task.num_val} val / "
             f"{config.task.num_test} test -> {data_dir}"

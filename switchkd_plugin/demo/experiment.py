@@ -29,7 +29,7 @@ def _cached_run(context: DemoContext, variant: str, seed: int) -> StudentRun:
             "config": dataclasses.asdict(
                 dataclasses.replace(context.config, host=context.host.name)
             ),
-            "teacher": context.config.teacher_key(context.host.name),
+            "teacher": context.config.teacher_key(context.host.name, context.data.content_digest),
         }
     )
     path = context.cache_dir / f"runs-{key}" / f"{variant}-seed{seed}.json"

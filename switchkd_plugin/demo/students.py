@@ -69,7 +69,10 @@ def initial_student(context: DemoContext, seed: int) -> nn.Module:
     load_vision(student, context.vision_state)
     if config.student_warmup.steps == 0:
         return student
-    weights = context.cache_dir / f"student-{config.student_key(context.host.name, seed)}.pt"
+    weights = (
+        context.cache_dir
+        / f"student-{config.student_key(context.host.name, seed, context.data.content_digest)}.pt"
+    )
     if weights.exists():
         student.load_state_dict(load_tensors(weights))
         return student

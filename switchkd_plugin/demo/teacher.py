@@ -41,7 +41,7 @@ def trained_teacher(
     inspection) under ``cache_dir/teacher-<config.teacher_key()>``, else trained now. With
     ``vision_state`` its vision encoder starts from it and stays frozen; without, it is trained
     along with the rest."""
-    teacher_dir = cache_dir / f"teacher-{config.teacher_key(host.name)}"
+    teacher_dir = cache_dir / f"teacher-{config.teacher_key(host.name, data.content_digest)}"
     weights, log_file = teacher_dir / "model.pt", teacher_dir / "train_log.json"
     teacher = build_model(host, config.teacher, tokenizer)
     if weights.exists() and log_file.exists():

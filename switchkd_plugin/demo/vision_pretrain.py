@@ -182,7 +182,7 @@ def shared_vision_state(
     if not config.pretrains_vision:
         stage("shared vision encoder: no cell labels in a dataset directory; the teacher trains it")
         return None
-    vision_dir = cache_dir / f"vision-{config.vision_key(host.name)}"
+    vision_dir = cache_dir / f"vision-{config.vision_key(host.name, data.content_digest)}"
     weights = vision_dir / "vision.pt"
     if weights.exists():
         stage(f"shared vision encoder: reusing the pretrained one in {vision_dir}")
