@@ -269,7 +269,9 @@ class SwitchKDEngine:
             parts.append(("align", self.align_divergence, align_side, teacher_logits, teacher_led))
         if switch_hidden is not None:
             # Only the VSD rows go through the teacher's lm_head (not a text-only sample's).
-            within = vsd_mask if distill_mask is None or vsd_mask is None else vsd_mask[distill_mask]
+            within = (
+                vsd_mask if distill_mask is None or vsd_mask is None else vsd_mask[distill_mask]
+            )
             switch_rows = switch_hidden if vsd_mask is None else switch_hidden[vsd_mask]
             parts.append((
                 "vsd",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from switchkd_plugin.adapters import HFLlavaAdapter, VLMAdapter, adapter_for
 from switchkd_plugin.config import SwitchKDArguments
-from switchkd_plugin.engine import SwitchKDEngine
+from switchkd_plugin.engine import StepTerms, SwitchKDEngine
 from switchkd_plugin.losses import dbild_loss
 from switchkd_plugin.testing import (
     IGNORE_INDEX,
@@ -248,7 +249,6 @@ def test_every_lm_head_runs_once_per_chunk_in_forward_and_never_in_backward(
     assert calls == expected  # nothing ran again in backward
 
 
-
 # --------------------------------------------------------------------------- text-only samples
 
 
@@ -270,20 +270,13 @@ def _one_sample(adapter: VLMAdapter, batch: dict, b: int) -> dict:
 TEXT_ONLY = {"mixed": (1,), "text-only": (0, 1, 2)}
 
 
-@pytest.mark.parametrize("layout", sorted(TEXT_ONLY))
-def test_text_only_samples_equal_the_per_sample_reference(models, tiny_tokenizer, layout):
-    """A batch with text-only samples (no image token; TinyLLaVA's carry the Factory's zero
-    image): every term and every gradient is the sum of the samples run alone; CE is the
-    host's; VSD (its sum, rows and k statistics) comes from the image samples only, each a
-    text-only sample's switch rows being its teacher rows (VSD 0)."""
-    student, teacher = models
-    batch = make_host_batch(student, tiny_tokenizer, n=3, seed=6, text_only_rows=TEXT_ONLY[layout])
-    engine = _engine(student, teacher, len(tiny_tokenizer), w_align=0.5, w_vsd=2.0,
-                     lm_head_chunk_size=8)  # fmt: skip
-    s = engine.student
-    with_image = s.image_samples(batch)
-    assert with_image.tolist() == [b not in TEXT_ONLY[layout] for b in range(3)]
-
+def assert_sum_of_samples_alone(
+    engine: SwitchKDEngine, student: nn.Module, batch: dict, sample: Callable[[int], dict]
+) -> StepTerms:
+    """The engine on `batch` equals the sum of its samples run alone (`sample(b)`: sample b's
+    batch): every term and gradient; CE is the host forward's; VSD (sum, rows, k statistics)
+    comes from the image samples only, and a text-only sample alone has none."""
+    with_image = engine.teacher.image_samples(batch)
     student.zero_grad()
     terms = engine(batch)
     terms.loss.backward()
@@ -292,19 +285,21 @@ def test_text_only_samples_equal_the_per_sample_reference(models, tiny_tokenizer
         host = student(**batch)
 
     parts = []
-    for b in range(3):
+    for b in range(batch["input_ids"].shape[0]):
         student.zero_grad()
-        part = engine(_one_sample(s, batch, b))
+        part = engine(sample(b))
         part.loss.backward()
         parts.append((part, _grads(student)))
         if not with_image[b]:  # the switch pass did not run: no VSD rows
             assert part.vsd.item() == 0.0 and part.vsd_tokens == 0 and "vsd" not in part.k_stats
     rows = terms.response_tokens
     assert rows == sum(part.response_tokens for part, _ in parts) == terms.distilled_tokens
-    image_rows = sum(part.response_tokens for (part, _), b in zip(parts, with_image) if b)
+    image_rows = sum(
+        part.response_tokens for (part, _), b in zip(parts, with_image, strict=True) if b
+    )
     assert terms.vsd_tokens == image_rows
     if image_rows:
-        assert terms.k_stats["vsd"].teacher_k.numel() == image_rows < rows
+        assert terms.k_stats["vsd"].teacher_k.numel() == image_rows
     else:
         assert "vsd" not in terms.k_stats
     for name in ("loss", "ce", "align", "vsd"):
@@ -317,6 +312,24 @@ def test_text_only_samples_equal_the_per_sample_reference(models, tiny_tokenizer
         for name in grads
     }  # fmt: skip
     assert_same_gradients(grads, expected_grads, terms=batch["input_ids"].numel())
+    return terms
+
+
+@pytest.mark.parametrize("layout", sorted(TEXT_ONLY))
+def test_text_only_samples_equal_the_per_sample_reference(models, tiny_tokenizer, layout):
+    """A batch with text-only samples (no image token; TinyLLaVA's carry the Factory's zero
+    image): the sum of its samples run alone, VSD from the image samples only (a text-only
+    sample's switch rows would be its teacher rows: VSD 0)."""
+    student, teacher = models
+    batch = make_host_batch(student, tiny_tokenizer, n=3, seed=6, text_only_rows=TEXT_ONLY[layout])
+    engine = _engine(student, teacher, len(tiny_tokenizer), w_align=0.5, w_vsd=2.0,
+                     lm_head_chunk_size=8)  # fmt: skip
+    with_image = engine.student.image_samples(batch)
+    assert with_image.tolist() == [b not in TEXT_ONLY[layout] for b in range(3)]
+    terms = assert_sum_of_samples_alone(
+        engine, student, batch, lambda b: _one_sample(engine.student, batch, b)
+    )
+    assert terms.vsd_tokens < terms.distilled_tokens
 
 
 def test_switch_pass_runs_on_the_image_samples_only(models, tiny_tokenizer):
