@@ -11,6 +11,12 @@ lm_head, in chunks, so `[batch, seq, vocab]` logits never exist; each chunk's gr
 as its loss is known (`loss_stage.py`), so no lm_head runs again in backward. Pathways may place
 image tokens differently, so rows are matched by (sample, rank among the sample's supervised
 tokens).
+
+Text-only samples: their switch rows would be their teacher rows (no image to switch), so the
+switch pass runs on the samples with an image only, and VSD (its sum, row count `vsd_tokens`
+and k statistics) covers their rows only. What that saves: a batch without any image sample
+skips the switch pass (one teacher decoder forward and backward); a mixed batch runs it on the
+image samples' rows only, and their teacher lm_head rows only.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from .divergences import DBiLDTerm, make_divergence
 from .layer_checkpoint import checkpoint_each_layer
 from .loss_stage import chunked_loss
 from .losses import KStats
+from .losses.dbild import LedTopK
 from .teacher_calls import TeacherCalls
 
 
@@ -47,6 +54,13 @@ class ResponseRows:
         targets = labels[:, 1:]
         supervised = targets != IGNORE_INDEX
         return cls(hidden[:, :-1][supervised], targets[supervised], supervised.sum(1))
+
+    def spread(self, keep: Tensor) -> ResponseRows:
+        """These rows, of the sub-batch of samples ``keep`` [B] bool, as rows of the whole
+        batch in which the other samples have none."""
+        counts = self.counts.new_zeros(keep.numel())
+        counts[keep] = self.counts
+        return ResponseRows(self.hidden, self.targets, counts)
 
     def aligned_to(self, reference: ResponseRows) -> tuple[Tensor, Tensor]:
         """This pathway's rows laid out in `reference`'s row order.
@@ -80,6 +94,14 @@ class ResponseRows:
 
 
 @dataclass
+class SwitchSamples:
+    """The samples one step's switch pass runs on, and whether their rows are distilled."""
+
+    keep: Tensor  # [B] bool
+    distilled: bool
+
+
+@dataclass
 class StepTerms:
     """Sums over one micro-batch, before normalisation by the response-token count."""
 
@@ -88,7 +110,8 @@ class StepTerms:
     align: Tensor | None
     vsd: Tensor | None
     response_tokens: int  # student rows under CE
-    distilled_tokens: int  # rows under the distillation terms
+    distilled_tokens: int  # rows under align (every distillation term but VSD)
+    vsd_tokens: int = 0  # rows under VSD: the image samples' distilled rows
     k_stats: dict[str, KStats] = field(default_factory=dict)  # "align" / "vsd" (DBiLD terms)
 
 
@@ -150,32 +173,58 @@ class SwitchKDEngine:
 
     # ------------------------------------------------------------------------------ passes
 
-    def _teacher_passes(
-        self, batch: dict, features, embeds, rows: ResponseRows
-    ) -> tuple[Tensor, ...]:
-        """The teacher's rows `[n, H_T]` and the distilled-row mask `[n]` (bool), then the
-        switch pass's rows `[n, H_T]` when it runs; all laid out in the student's `rows` order."""
-        teacher_hidden, mask = self._teacher_rows(batch).aligned_to(rows)
+    def _switch_samples(self, batch: dict) -> SwitchSamples | None:
+        """Which samples the switch pass runs on this step; None: it does not run.
+
+        It runs on the samples with an image. On several ranks they agree first (the switch
+        pass gathers a ZeRO-3 sharded teacher's parameters collectively): a rank without any
+        image sample while another rank has some runs it on its first sample, distilling
+        nothing from it, so that every rank makes the same teacher calls."""
         if not self.run_switch:
+            return None
+        keep = self.teacher.image_samples(batch)
+        here = bool(keep.any())
+        anywhere = here if self.agree_chunks is None else bool(self.agree_chunks(int(here)))
+        if not anywhere:
+            return None
+        if here:
+            return SwitchSamples(keep, distilled=True)
+        first = torch.zeros_like(keep)
+        first[0] = True
+        return SwitchSamples(first, distilled=False)
+
+    def _teacher_passes(
+        self, batch: dict, features, embeds, rows: ResponseRows, switch: SwitchSamples | None
+    ) -> tuple[Tensor, ...]:
+        """The teacher's rows `[n, H_T]` and the distilled-row mask `[n]` (bool), then, when
+        the switch pass runs, its rows `[n, H_T]` and the VSD-row mask `[n]` (the switched
+        samples' distilled rows); all laid out in the student's `rows` order."""
+        teacher_hidden, mask = self._teacher_rows(batch).aligned_to(rows)
+        if switch is None:
             return teacher_hidden, mask
-        switch_hidden, switch_valid = self._switch_rows(features, embeds, batch).aligned_to(rows)
-        return teacher_hidden, mask & switch_valid, switch_hidden
+        switched = self._switch_rows(features, embeds, batch, switch.keep).spread(switch.keep)
+        switch_hidden, switch_valid = switched.aligned_to(rows)
+        vsd_mask = mask & switch_valid if switch.distilled else torch.zeros_like(mask)
+        return teacher_hidden, mask, switch_hidden, vsd_mask
 
     def _teacher_rows(self, batch: dict) -> ResponseRows:
         teacher = self.teacher
         with torch.no_grad():
             features = teacher.vision_features(batch)
-            inputs = teacher.pathway_inputs(batch, teacher.project(features))
+            inputs = teacher.pathway_inputs(batch, _project(teacher, features))
             return ResponseRows.from_pathway(teacher.decode(inputs), inputs.labels)
 
-    def _switch_rows(self, student_features, student_embeds, batch: dict) -> ResponseRows:
+    def _switch_rows(
+        self, student_features, student_embeds, batch: dict, keep: Tensor
+    ) -> ResponseRows:
+        """The switch pass on the samples `keep` [B] bool: their rows, in sample order."""
         teacher = self.teacher
+        vision = self.args.switch_point == "vision"
+        images = student_features if vision else student_embeds
+        if not bool(keep.all()):
+            batch, images = teacher.select_samples(batch, keep, images)
         # pathway_inputs casts the student's embeddings to the teacher's dtype
-        embeds = (
-            teacher.project(student_features)
-            if self.args.switch_point == "vision"
-            else student_embeds
-        )
+        embeds = _project(teacher, images) if vision else images
         inputs = teacher.pathway_inputs(batch, embeds)
         per_layer = self.checkpoint_teacher_layers
         with checkpoint_each_layer(teacher.decoder_layers) if per_layer else nullcontext():
@@ -191,11 +240,13 @@ class SwitchKDEngine:
         targets: Tensor,
         teacher_hidden: Tensor | None,
         distill_mask: Tensor | None,
+        vsd_mask: Tensor | None,
         teacher_head: Callable[[Tensor], Tensor] | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, dict[str, KStats | None]]]:
         """Weighted loss over one chunk of rows `[c, H]`, and (detached) its ce, align and vsd
         sums and k statistics. Runs once per chunk (`loss_stage`): the teacher's lm_head and
-        the teacher-led top-k once, shared by align and VSD."""
+        the teacher-led top-k once, shared by align and VSD. `distill_mask` / `vsd_mask` [c]
+        (None: every row): the rows each term distils, VSD's among align's."""
         student_logits = self.student.lm_head(student_hidden)  # [c, V_student]
         ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
         align = vsd = ce.new_zeros(())
@@ -214,17 +265,28 @@ class SwitchKDEngine:
             teacher_led = self.shared_teacher_rule.select(teacher_logits)
         parts = []
         if self.run_align:
-            parts.append(("align", self.align_divergence, student_logits))
+            align_side = distilled(student_logits)
+            parts.append(("align", self.align_divergence, align_side, teacher_logits, teacher_led))
         if switch_hidden is not None:
-            parts.append(("vsd", self.vsd_divergence, teacher_head(switch_hidden)))
+            # Only the VSD rows go through the teacher's lm_head (not a text-only sample's).
+            within = (
+                vsd_mask if distill_mask is None or vsd_mask is None else vsd_mask[distill_mask]
+            )
+            switch_rows = switch_hidden if vsd_mask is None else switch_hidden[vsd_mask]
+            parts.append((
+                "vsd",
+                self.vsd_divergence,
+                teacher_head(switch_rows)[:, : self.vocab],
+                _pick(teacher_logits, within),
+                None if teacher_led is None else _pick_led(teacher_led, within),
+            ))  # fmt: skip
         values = {}
-        for name, term, logits in parts:
-            side = distilled(logits)
+        for name, term, side, teacher_side, led in parts:
             if isinstance(term, DBiLDTerm):
-                selection = term.select(side, teacher_logits, teacher_led)
+                selection = term.select(side, teacher_side, led)
                 values[name], stats[name] = term(side, selection)
             else:
-                values[name], stats[name] = term(side, teacher_logits), None
+                values[name], stats[name] = term(side, teacher_side), None
         return self._weighted(ce, values.get("align", align), values.get("vsd", vsd), stats)
 
     def _weighted(self, ce: Tensor, align: Tensor, vsd: Tensor, stats: dict):
@@ -236,24 +298,28 @@ class SwitchKDEngine:
         """batch: `input_ids`, `attention_mask`, `labels` `[B, T]` and the images
         (`images` / `pixel_values` `[B, 3, h, w]`)."""
         student = self.student
-        features = student.vision_features(batch)
-        embeds = student.project(features)
+        features = student.vision_features(batch)  # None for a text-only batch
+        embeds = _project(student, features)
         inputs = student.pathway_inputs(batch, embeds)
         student_states = student.decode(inputs)
         rows = ResponseRows.from_pathway(student_states, inputs.labels)
 
-        teacher_hidden = switch_hidden = distill_mask = teacher_head = None
-        if self.run_align or self.run_switch:
+        switch = self._switch_samples(batch)
+        teacher_hidden = switch_hidden = distill_mask = vsd_mask = teacher_head = None
+        if self.run_align or switch is not None:
             passes = self.teacher_calls.run(
-                lambda: self._teacher_passes(batch, features, embeds, rows)
+                lambda: self._teacher_passes(batch, features, embeds, rows, switch)
             )
             teacher_hidden, distill_mask, *switched = passes
-            switch_hidden = switched[0] if switched else None
+            switch_hidden, vsd_mask = switched if switched else (None, None)
             teacher_head = self.teacher_calls.lm_head()
-        if bool(distill_mask is not None and distill_mask.all()):
-            distill_mask = None  # the usual case: every response row is distilled
-
         n = rows.targets.numel()
+        distilled = 0 if teacher_hidden is None else _count(distill_mask, n)
+        vsd_tokens = 0 if switch_hidden is None else _count(vsd_mask, n)
+        # The usual case, every response row distilled: no masking.
+        distill_mask = None if distilled == n else distill_mask
+        vsd_mask = None if vsd_tokens == n else vsd_mask
+
         # A micro-batch without response rows still runs one (empty) chunk: every parameter
         # takes part in backward, as on the other ranks.
         chunk = self.args.lm_head_chunk_size or max(n, 1)
@@ -268,6 +334,7 @@ class SwitchKDEngine:
                 rows.targets[part],
                 None if teacher_hidden is None else teacher_hidden[part],
                 None if distill_mask is None else distill_mask[part],
+                None if vsd_mask is None else vsd_mask[part],
                 teacher_head,
             )
 
@@ -282,16 +349,34 @@ class SwitchKDEngine:
         term_sums = [torch.stack(sums) for *sums, _ in extras]  # detached: for logging only
         stats_parts = [stats for *_, stats in extras]
         ce, align, vsd = torch.stack(term_sums).sum(0)
-        distilled = n if distill_mask is None else int(distill_mask.sum())
         return StepTerms(
             loss=loss,
             ce=ce,
             align=align if self.run_align else None,
             vsd=vsd if self.run_switch else None,
             response_tokens=n,
-            distilled_tokens=distilled if (self.run_align or self.run_switch) else 0,
+            distilled_tokens=distilled,
+            vsd_tokens=vsd_tokens,
             k_stats=_concat_stats(stats_parts),
         )
+
+
+def _project(adapter: VLMAdapter, features):
+    """The adapter's connector; None (no image in the batch) stays None, as in the host."""
+    return None if features is None else adapter.project(features)
+
+
+def _count(mask: Tensor | None, rows: int) -> int:
+    return rows if mask is None else int(mask.sum())
+
+
+def _pick(rows: Tensor, mask: Tensor | None) -> Tensor:
+    return rows if mask is None else rows[mask]
+
+
+def _pick_led(led: LedTopK, mask: Tensor | None) -> LedTopK:
+    """The teacher-led branch of the rows `mask` (shared by align, taken by VSD on its rows)."""
+    return led if mask is None else LedTopK(led.ids[mask], led.k[mask])
 
 
 def _concat_stats(parts: list[dict[str, KStats]]) -> dict[str, KStats]:

@@ -105,7 +105,9 @@ def _skipping_keeps_window_counts() -> Iterator[None]:
 
 
 class _TermLog:
-    """Per-term sums between two logging steps, reported as token means.
+    """Per-term sums between two logging steps, reported as token means: `ce` over the response
+    tokens, `align` over `distilled_tokens`, `vsd` over `vsd_tokens` (the image samples' rows;
+    `vsd` is 0 with `vsd_tokens` 0 when no batch since the last log had an image sample).
 
     Sums stay tensors on the training device until a log is written: one host sync per log,
     not several per micro-batch.
@@ -127,6 +129,8 @@ class _TermLog:
             if value is not None:
                 s[name] += value
                 s["total"] += weight * value
+        if terms.vsd is not None:  # every rank alike: the same keys go into the reduction
+            s["vsd_tokens"] += terms.vsd_tokens
         for name, stats in terms.k_stats.items():
             for side, k in (("teacher", stats.teacher_k), ("student", stats.student_k)):
                 if k is not None:  # empty on a rank without rows: the keys match every rank's
@@ -150,7 +154,11 @@ class _TermLog:
             return {}
         tokens, distilled = max(s["response_tokens"], 1), max(s["distilled_tokens"], 1)
         logs = {"ce": s["ce"] / tokens, "total": s["total"] / tokens}
-        logs.update({name: s[name] / distilled for name in ("align", "vsd") if name in s})
+        if "align" in s:
+            logs["align"] = s["align"] / distilled
+        if "vsd" in s:
+            logs["vsd"] = s["vsd"] / max(s["vsd_tokens"], 1)
+            logs["vsd_tokens"] = s["vsd_tokens"]
         logs["distilled_tokens"] = s["distilled_tokens"]
         for key in [k for k in s if k.endswith("_rows") and s[k]]:  # no row: no k to report
             prefix, rows = key[: -len("_rows")], s[key]

@@ -63,6 +63,8 @@ def main(
     # takes it still makes every collective call and uses every parameter, and the ranks need
     # different numbers of lm_head chunks.
     micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
+    if os.environ.get("SWITCHKD_TEST_TEXT_ONLY") == "1":  # the second micro-batch: no image
+        micro[1] = make_host_batch(student, tokenizer, n=3, seed=8, text_only_rows=(0, 1, 2))
     accumulation = 2 if world_micro_batches == "accumulate" else 1
     steps = 3 if world_micro_batches == "split-3-steps" else 1
     checkpointing = os.environ.get("SWITCHKD_TEST_TEACHER_CHECKPOINTING") == "1"

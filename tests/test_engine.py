@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from switchkd_plugin.adapters import HFLlavaAdapter, VLMAdapter, adapter_for
 from switchkd_plugin.config import SwitchKDArguments
-from switchkd_plugin.engine import SwitchKDEngine
+from switchkd_plugin.engine import StepTerms, SwitchKDEngine
 from switchkd_plugin.losses import dbild_loss
 from switchkd_plugin.testing import (
     IGNORE_INDEX,
@@ -246,3 +247,131 @@ def test_every_lm_head_runs_once_per_chunk_in_forward_and_never_in_backward(
     for hook in hooks:
         hook.remove()
     assert calls == expected  # nothing ran again in backward
+
+
+# --------------------------------------------------------------------------- text-only samples
+
+
+def _one_sample(adapter: VLMAdapter, batch: dict, b: int) -> dict:
+    """Sample `b` of a collated batch alone (right padding: extra pad columns change nothing),
+    with its image: TinyLLaVA holds one per sample (a zero one when text-only), HF LLaVA one
+    per image sample."""
+    key, rows = adapter.images_key, batch["input_ids"].shape[0]
+    out = {name: value[b : b + 1] for name, value in batch.items() if name != key}
+    images, with_image = batch.get(key), adapter.image_samples(batch)
+    if images is not None and images.shape[0] == rows:
+        out[key] = images[b : b + 1]
+    elif with_image[b]:
+        index = int(with_image[:b].sum())
+        out[key] = images[index : index + 1]
+    return out
+
+
+TEXT_ONLY = {"mixed": (1,), "text-only": (0, 1, 2)}
+
+
+def assert_sum_of_samples_alone(
+    engine: SwitchKDEngine, student: nn.Module, batch: dict, sample: Callable[[int], dict]
+) -> StepTerms:
+    """The engine on `batch` equals the sum of its samples run alone (`sample(b)`: sample b's
+    batch): every term and gradient; CE is the host forward's; VSD (sum, rows, k statistics)
+    comes from the image samples only, and a text-only sample alone has none."""
+    with_image = engine.teacher.image_samples(batch)
+    student.zero_grad()
+    terms = engine(batch)
+    terms.loss.backward()
+    grads = _grads(student)
+    with torch.no_grad():
+        host = student(**batch)
+
+    parts = []
+    for b in range(batch["input_ids"].shape[0]):
+        student.zero_grad()
+        part = engine(sample(b))
+        part.loss.backward()
+        parts.append((part, _grads(student)))
+        if not with_image[b]:  # the switch pass did not run: no VSD rows
+            assert part.vsd.item() == 0.0 and part.vsd_tokens == 0 and "vsd" not in part.k_stats
+    rows = terms.response_tokens
+    assert rows == sum(part.response_tokens for part, _ in parts) == terms.distilled_tokens
+    image_rows = sum(
+        part.response_tokens for (part, _), b in zip(parts, with_image, strict=True) if b
+    )
+    assert terms.vsd_tokens == image_rows
+    if image_rows:
+        assert terms.k_stats["vsd"].teacher_k.numel() == image_rows
+    else:
+        assert "vsd" not in terms.k_stats
+    for name in ("loss", "ce", "align", "vsd"):
+        expected = torch.stack([getattr(part, name) for part, _ in parts]).sum()
+        assert_close(getattr(terms, name).detach(), expected.detach(), terms=rows, name=name)
+    assert_close(terms.ce, host.loss * rows, terms=rows, name="ce vs the host's loss")
+    expected_grads = {
+        name: None if all(g[name] is None for _, g in parts)
+        else sum(g[name] for _, g in parts if g[name] is not None)
+        for name in grads
+    }  # fmt: skip
+    assert_same_gradients(grads, expected_grads, terms=batch["input_ids"].numel())
+    return terms
+
+
+@pytest.mark.parametrize("layout", sorted(TEXT_ONLY))
+def test_text_only_samples_equal_the_per_sample_reference(models, tiny_tokenizer, layout):
+    """A batch with text-only samples (no image token; TinyLLaVA's carry the Factory's zero
+    image): the sum of its samples run alone, VSD from the image samples only (a text-only
+    sample's switch rows would be its teacher rows: VSD 0)."""
+    student, teacher = models
+    batch = make_host_batch(student, tiny_tokenizer, n=3, seed=6, text_only_rows=TEXT_ONLY[layout])
+    engine = _engine(student, teacher, len(tiny_tokenizer), w_align=0.5, w_vsd=2.0,
+                     lm_head_chunk_size=8)  # fmt: skip
+    with_image = engine.student.image_samples(batch)
+    assert with_image.tolist() == [b not in TEXT_ONLY[layout] for b in range(3)]
+    terms = assert_sum_of_samples_alone(
+        engine, student, batch, lambda b: _one_sample(engine.student, batch, b)
+    )
+    assert terms.vsd_tokens < terms.distilled_tokens
+
+
+def test_switch_pass_runs_on_the_image_samples_only(models, tiny_tokenizer):
+    """Counted by a forward hook on the teacher's decoder: a text-only batch runs the teacher
+    pass only (no switch pass); a mixed batch runs the switch pass on its image samples."""
+    student, teacher = models
+    decoder_batches: list[int] = []
+    hook = adapter_for(teacher).decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: decoder_batches.append(kwargs["inputs_embeds"].shape[0]),
+        with_kwargs=True,
+    )
+    engine = _engine(student, teacher, len(tiny_tokenizer))
+    try:
+        for text_only, expected in (((0, 1, 2), [3]), ((1,), [3, 2]), ((), [3, 3])):
+            decoder_batches.clear()
+            batch = make_host_batch(student, tiny_tokenizer, n=3, seed=2, text_only_rows=text_only)
+            terms = engine(batch)
+            assert decoder_batches == expected, text_only
+            terms.loss.backward()
+    finally:
+        hook.remove()
+
+
+def test_trainer_trains_on_text_only_batches(hf_student, hf_teacher, tiny_tokenizer, tmp_path):
+    """HF LLaVA through SwitchKDTrainer.train(): an all-text batch (no pixel_values) and a mixed
+    one beside an image batch; the text-only step logs vsd 0 over 0 VSD rows, the mixed one
+    the VSD mean over its image samples' rows."""
+    from test_trainer import _trainer
+
+    student, teacher = copy.deepcopy(hf_student).train(), hf_teacher
+    batches = [
+        make_host_batch(student, tiny_tokenizer, n=3, seed=1, text_only_rows=rows)
+        for rows in ((0, 1, 2), (1,), ())
+    ]
+    assert "pixel_values" not in batches[0]
+    trainer = _trainer(student, tiny_tokenizer, batches, tmp_path, teacher=teacher,
+                       training={"max_steps": 3})  # fmt: skip
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "ce" in e]  # the sampler shuffles
+    text_only, mixed, images = sorted(logs, key=lambda entry: entry["vsd_tokens"])
+    assert text_only["vsd"] == 0.0 and text_only["vsd_tokens"] == 0
+    assert text_only["distilled_tokens"] > 0 and "vsd_k_teacher_mean" not in text_only
+    assert 0 < mixed["vsd_tokens"] < mixed["distilled_tokens"] and mixed["vsd"] > 0
+    assert images["vsd_tokens"] == images["distilled_tokens"]
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history[:3])

@@ -27,6 +27,8 @@ from switchkd_plugin.adapters import (
     SmolVLMAdapter,
     adapter_for,
 )
+from switchkd_plugin.config import SwitchKDArguments
+from switchkd_plugin.engine import SwitchKDEngine
 from switchkd_plugin.testing import IGNORE_INDEX, student_spec, teacher_spec
 from switchkd_plugin.testing.families import (
     FAMILIES,
@@ -117,6 +119,32 @@ def test_adapter_reproduces_the_host_forward(family: str, padding_side: str) -> 
     # same rounding, summed over every position of the batch.
     assert_same_gradients(grads, host_grads, terms=batch["input_ids"].numel())
     model.zero_grad()
+
+
+def test_text_only_batch_is_the_hosts_with_no_switch_pass(family: str) -> None:
+    """A batch without images (no image tokens, no pixel_values): the engine's CE is the
+    host's loss, align is distilled, and no switch pass runs (the teacher's decoder runs once,
+    counted by a hook) and no VSD row is counted."""
+    student, teacher = _pair(family)
+    tokenizer = _tokenizer(family)
+    batch = make_family_batch(family, student, tokenizer, n=3, seed=2, text_only=True)
+    assert "pixel_values" not in batch
+    args = SwitchKDArguments(distill="switchkd", teacher_model_path="unused")
+    engine = SwitchKDEngine(adapter_for(student), adapter_for(teacher), args, len(tokenizer), True)
+    calls: list[int] = []
+    hook = engine.teacher.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        terms = engine(batch)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        host = student(**batch)
+    rows = terms.response_tokens
+    assert len(calls) == 1 and terms.vsd.item() == 0.0 and terms.vsd_tokens == 0
+    assert terms.distilled_tokens == rows and terms.align.item() > 0
+    assert "vsd" not in terms.k_stats
+    assert_close(terms.ce, host.loss * rows, terms=rows, name="ce vs the host's loss")
+    terms.loss.backward()
 
 
 def _transplant(model: nn.Module, ours: nn.Module, theirs: nn.Module) -> None:

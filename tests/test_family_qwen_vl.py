@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from tensor_close import assert_close, assert_same_gradients
+from test_engine import assert_sum_of_samples_alone
 from test_trainer import _trainer, assert_same_step
 from test_trainer_dp import HAS_DEEPSPEED, OLD_ZERO3, _run
 from torch import Tensor, nn
@@ -229,6 +230,47 @@ def test_engine_equals_the_hosts_three_pathways(pair, family, tokenizer, switch_
     assert_close(terms.loss, reference.detach(), terms=rows, name="loss")
     assert_same_gradients(_grads(student), expected, terms=batch["input_ids"].numel())
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def _qwen_sample(adapter, batch: dict, b: int) -> dict:
+    """Sample `b` of a Qwen batch alone, with its image's patches and grid."""
+    keys = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
+    out = {key: batch[key][b : b + 1] for key in keys}
+    with_image = adapter.image_samples(batch)
+    if with_image[b]:
+        index = int(with_image[:b].sum())
+        patches = batch["image_grid_thw"].prod(-1)
+        start = int(patches[:index].sum())
+        out["pixel_values"] = batch["pixel_values"][start : start + int(patches[index])]
+        out["image_grid_thw"] = batch["image_grid_thw"][index : index + 1]
+    return out
+
+
+@pytest.mark.parametrize("text_only_rows", [(1,), (0, 1, 2)], ids=["mixed", "text-only"])
+def test_text_only_samples_equal_the_per_sample_reference(pair, tokenizer, text_only_rows):
+    """A mixed batch and a text-only one: every term and gradient is the sum of the samples
+    run alone, CE the host's, VSD from the image samples only; the switch pass runs on the
+    image samples only (none for the text-only batch), counted on the teacher's decoder."""
+    student, teacher = pair
+    batch = qwen.make_qwen_vl_batch(tokenizer, n=3, seed=3, text_only_rows=text_only_rows)
+    args = SwitchKDArguments(
+        distill="switchkd", teacher_model_path="unused", w_align=0.5, w_vsd=2.0
+    )
+    engine = SwitchKDEngine(adapter_for(student), adapter_for(teacher), args, len(tokenizer), True)
+    decoder_batches: list[int] = []
+    hook = engine.teacher.decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: decoder_batches.append(kwargs["inputs_embeds"].shape[0]),
+        with_kwargs=True,
+    )
+    try:
+        engine(batch)
+        images = 3 - len(text_only_rows)
+        assert decoder_batches == [3] + ([images] if images else [])
+        assert_sum_of_samples_alone(
+            engine, student, batch, lambda b: _qwen_sample(engine.student, batch, b)
+        )
+    finally:
+        hook.remove()
 
 
 def test_vsd_step_moves_only_the_student_vit_and_never_the_teacher(pair, tokenizer, tmp_path):

@@ -53,17 +53,19 @@ def _run(
     teacher_zero3: str = "shard",
     family: str = "hf_llava",
     teacher_checkpointing: bool = False,
+    text_only: bool = False,
 ) -> dict[str, torch.Tensor] | str:
     """The student's weights after one step of `_dp_worker.py` (`family`: hf_llava, qwen2_5_vl,
     qwen3_vl); on DeepSpeed < 0.15.4 under ZeRO-3, the run's output, which must hold the
     trainer's refusal."""
     out = tmp_path / f"{processes}-ranks-zero{stage}-{teacher_zero3}"
-    out.mkdir()
+    out.mkdir(parents=True)
     mode = mode or ("split" if processes > 1 else "accumulate")
     config = "" if stage is None else str(_deepspeed_config(stage, tmp_path))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env["SWITCHKD_TEST_FAMILY"] = family
     env["SWITCHKD_TEST_TEACHER_CHECKPOINTING"] = str(int(teacher_checkpointing))
+    env["SWITCHKD_TEST_TEXT_ONLY"] = str(int(text_only))
     if stage is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(NO_SHM), os.environ.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -120,3 +122,13 @@ def test_sharded_teacher_runs_one_prefetchable_trace_per_step(tmp_path):
     _run(tmp_path, 2, 3, mode="split-3-steps", teacher_checkpointing=True)
     trace = (tmp_path / "2-ranks-zero3-shard" / "teacher_trace.txt").read_text()
     assert trace == "complete", trace
+
+
+def test_a_text_only_rank_takes_the_one_rank_step(tmp_path):
+    """HF LLaVA, DDP over 2 ranks: one rank's micro-batch is text-only (no pixel_values), the
+    other's has images and runs the switch pass. The ranks agree that it runs (the text-only
+    rank runs it on one sample, distilling nothing) and the step equals 1 rank accumulating
+    both micro-batches."""
+    reference = _run(tmp_path / "one", 1, None, text_only=True)
+    after = _run(tmp_path / "two", 2, None, text_only=True)
+    assert_same_step(after, reference, _initial_weights())

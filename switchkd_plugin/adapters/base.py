@@ -184,18 +184,59 @@ class VLMAdapter(ABC):
     # What the engine calls: each adapter reads the image inputs its host's collator produces
     # (pixel values and whatever goes with them), so no host-specific key lives in the engine.
 
-    def vision_features(self, batch: dict) -> VisionFeatures:
+    def vision_features(self, batch: dict) -> VisionFeatures | None:
         """The vision-encoder output for a host batch (the input of ``project``): by default
-        ``encode_vision(batch[images_key])`` [B, P, Dv]."""
-        return self.encode_vision(batch[self.images_key])
+        ``encode_vision(batch[images_key])`` [B, P, Dv]; None for a batch without images
+        (text only: the host's forward makes no vision call either)."""
+        images = batch.get(self.images_key)
+        return None if images is None else self.encode_vision(images)
 
-    def pathway_inputs(self, batch: dict, image_embeds: ImageEmbeds) -> MultimodalInputs:
+    def pathway_inputs(self, batch: dict, image_embeds: ImageEmbeds | None) -> MultimodalInputs:
         """The decoder inputs of one pathway: this model's text embeddings of the batch with
-        ``image_embeds`` (any pathway's projected features, cast to this model's dtype)
-        spliced in."""
+        ``image_embeds`` (any pathway's projected features, cast to this model's dtype; None
+        for a batch without images) spliced in."""
+        if image_embeds is None:
+            image_embeds = ()
         return self.build_inputs(
             batch["input_ids"], batch["attention_mask"], batch["labels"], image_embeds
         )
+
+    # ----------------------------------------------------------------- text-only samples
+
+    @property
+    def image_token_id(self) -> int:
+        """The id that marks an image in ``input_ids``."""
+        raise NotImplementedError(f"{type(self).__name__} names no image token id")
+
+    def image_samples(self, batch: dict) -> Tensor:
+        """[B] bool: the samples that hold an image (an image token among their attended
+        tokens). The switch pass runs on these only: a text-only sample's switch rows would be
+        its teacher rows."""
+        tokens = (batch["input_ids"] == self.image_token_id) & batch["attention_mask"].bool()
+        return tokens.any(dim=1)
+
+    def select_samples(
+        self, batch: dict, keep: Tensor, images: VisionFeatures | ImageEmbeds
+    ) -> tuple[dict, VisionFeatures | ImageEmbeds]:
+        """The sub-batch of the samples ``keep`` [B] bool, which must hold every image of the
+        batch (``image_samples``), and their part of ``images`` (this batch's vision features
+        or projected embeddings). By default the per-sample tensors (``[B, ...]`` beside
+        ``input_ids``) are cut and the images kept whole: the other samples have none."""
+        sub = {
+            key: value[keep] if key in self.per_sample_keys and value is not None else value
+            for key, value in batch.items()
+        }
+        return sub, images
+
+    # The batch keys holding one row per sample (text-aligned or per-sample counts).
+    per_sample_keys: ClassVar[tuple[str, ...]] = (
+        "input_ids",
+        "attention_mask",
+        "labels",
+        "token_type_ids",
+        "mm_token_type_ids",
+        "batch_num_images",
+    )
 
     def decode(self, inputs: MultimodalInputs) -> Tensor:
         """Decoder final hidden states (after the final norm, before ``lm_head``): [B, S, H]."""

@@ -128,11 +128,10 @@ class ScatteredImageTokensAdapter(VLMAdapter):
         return list(torch.split(flat, runs))
 
     def pathway_inputs(self, batch: dict, image_embeds: Any) -> MultimodalInputs:
+        """The spliced batch; ``image_embeds`` None for a batch without images."""
+        images = [] if image_embeds is None else self.split_at_image_tokens(batch, image_embeds)
         return self.build_inputs(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["labels"],
-            self.split_at_image_tokens(batch, image_embeds),
+            batch["input_ids"], batch["attention_mask"], batch["labels"], images
         )
 
     def spliced_image_positions(self, batch: dict) -> Tensor:

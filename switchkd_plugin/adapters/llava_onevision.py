@@ -91,15 +91,17 @@ class LlavaOnevisionAdapter(LlavaFeatureWidths, ScatteredImageTokensAdapter):
             selected = [states[:, 1:] for states in selected]
         return torch.cat(selected, dim=-1)
 
-    def vision_features(self, batch: dict) -> Tensor:
+    def vision_features(self, batch: dict) -> Tensor | None:
         """The real crops of ``pixel_values`` ([images, max_crops, 3, s, s] or [crops, 3, s, s])
-        through the tower: [crops, P, Dv], image after image."""
+        through the tower: [crops, P, Dv], image after image (None without images)."""
         if batch.get("pixel_values_videos") is not None:
             raise ValueError(
                 "Switch-KD's LLaVA-OneVision adapter handles images; this batch has "
                 "pixel_values_videos (distil video samples with --w_vsd 0 and --w_align 0)"
             )
-        pixel_values = batch["pixel_values"]
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is None:
+            return None
         if pixel_values.dim() == 5:
             crops = self._crops_per_image(batch)
             pixel_values = torch.cat(
@@ -111,9 +113,11 @@ class LlavaOnevisionAdapter(LlavaFeatureWidths, ScatteredImageTokensAdapter):
             )
         return self.encode_vision(pixel_values)
 
-    def pathway_inputs(self, batch: dict, image_embeds: Tensor) -> MultimodalInputs:
+    def pathway_inputs(self, batch: dict, image_embeds: Tensor | None) -> MultimodalInputs:
         """Projected crops [crops, P, H] packed per image with this model's ``image_newline``
         (the host's ``pack_image_features``), then spliced into this model's text."""
+        if image_embeds is None:
+            return super().pathway_inputs(batch, None)
         weight = self.input_embeddings.weight
         image_embeds = image_embeds.to(device=weight.device, dtype=weight.dtype)
         per_image = image_embeds.split(self._crops_per_image(batch))

@@ -110,6 +110,10 @@ class _QwenVLAdapter(VLMAdapter):
         return self.model.lm_head
 
     @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    @property
     def _vision_config(self):
         return self.model.config.vision_config
 
@@ -179,14 +183,14 @@ class _QwenVLAdapter(VLMAdapter):
         ``masked_scatter``), the host's rope positions [3, B, S], decoder extras."""
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         embeds = self.input_embeddings(input_ids)
-        image_mask = input_ids == self.model.config.image_token_id
+        image_mask = input_ids == self.image_token_id
         decoder_kwargs: dict[str, Any] = {}
         if image_embeds is not None:
             tokens = image_embeds.tokens.to(device=embeds.device, dtype=embeds.dtype)
             if int(image_mask.sum()) != tokens.shape[0]:
                 raise ValueError(
                     f"the batch has {int(image_mask.sum())} image tokens (id "
-                    f"{self.model.config.image_token_id}) but its images give {tokens.shape[0]} "
+                    f"{self.image_token_id}) but its images give {tokens.shape[0]} "
                     "merged tokens; build batches with the model's own processor"
                 )
             embeds = embeds.masked_scatter(image_mask[..., None], tokens)

@@ -60,9 +60,12 @@ class SmolVLMAdapter(ScatteredImageTokensAdapter):
             return_dict=True,
         ).last_hidden_state
 
-    def vision_features(self, batch: dict) -> Tensor:
-        """The real images of the batch, in order, with the host's patch mask: [N, P, Dv]."""
-        pixel_values = batch["pixel_values"]
+    def vision_features(self, batch: dict) -> Tensor | None:
+        """The real images of the batch, in order, with the host's patch mask: [N, P, Dv]
+        (None without images)."""
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is None:
+            return None
         if pixel_values.dim() != 5:
             raise ValueError(
                 f"pixel_values of shape {tuple(pixel_values.shape)}: SmolVLM takes "

@@ -96,6 +96,18 @@ class TinyLlavaAdapter(VLMAdapter):
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         )
 
+    @property
+    def image_token_id(self) -> int:
+        return IMAGE_TOKEN_INDEX
+
+    def select_samples(self, batch: dict, keep: Tensor, images: Tensor) -> tuple[dict, Tensor]:
+        """The Factory gives every sample an image, a zero one (appended with zero length, so
+        never seen) to a text-only sample without -200 token: ``images`` [B, ...] (features or
+        embeddings) and ``batch["images"]`` are cut to the kept samples too."""
+        sub, _ = super().select_samples(batch, keep, images)
+        sub[self.images_key] = batch[self.images_key][keep]
+        return sub, images[keep]
+
     def splice_rules(self, attention_mask: Tensor) -> SpliceRules:
         config = self.model.config
         return SpliceRules(

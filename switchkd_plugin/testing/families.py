@@ -319,11 +319,13 @@ def make_family_batch(
     *,
     padding_side: Literal["right", "left"] = "right",
     images_per_sample: Sequence[int] | None = None,
+    text_only: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A collated batch of ``n`` samples, one image each, of different lengths, for ``model``.
 
     ``images_per_sample`` (LLaVA-OneVision only): several images in a sample (not split into
-    crops by the host, their image tokens adjacent).
+    crops by the host, their image tokens adjacent). ``text_only``: no image at all (no image
+    tokens, no image inputs), as a text-only conversation of a LLaVA mixture.
 
     Keys: ``input_ids``, ``attention_mask`` (long), ``labels`` [n, T] (-100 off the answer),
     the family's image inputs (``pixel_values`` and ``image_sizes`` + ``batch_num_images``
@@ -339,12 +341,16 @@ def make_family_batch(
         )
     images_per_sample = list(images_per_sample)
     generator = torch.Generator().manual_seed(seed)
-    image_inputs = _image_inputs(family, images_per_sample, IMAGE_SIZES[family], generator)
-    blocks = _features_per_sample(family, model, image_inputs, images_per_sample)
     conversations = make_conversations(n, seed)
+    if text_only:
+        image_inputs, placeholders = {}, [[]] * n
+    else:
+        image_inputs = _image_inputs(family, images_per_sample, IMAGE_SIZES[family], generator)
+        blocks = _features_per_sample(family, model, image_inputs, images_per_sample)
+        placeholders = [_placeholder(family, tokenizer, sample_blocks) for sample_blocks in blocks]
     samples = [
-        _encode_sample(tokenizer, question, answer, _placeholder(family, tokenizer, sample_blocks))
-        for (question, answer), sample_blocks in zip(conversations, blocks, strict=True)
+        _encode_sample(tokenizer, question, answer, placeholder)
+        for (question, answer), placeholder in zip(conversations, placeholders, strict=True)
     ]
     ids = _pad([sample_ids for sample_ids, _ in samples], tokenizer.pad_token_id, padding_side)
     batch = {

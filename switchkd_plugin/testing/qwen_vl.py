@@ -250,8 +250,10 @@ def make_qwen_vl_batch(
     """
     image_processor = build_image_processor(vision)
     with_image = [i for i in range(n) if i not in text_only_rows]
-    images = image_processor(make_images(len(with_image), seed), return_tensors="pt")
-    grids = iter(images["image_grid_thw"].tolist())
+    images = {}  # the image processor refuses an empty list: a text-only batch has no images
+    if with_image:
+        images = image_processor(make_images(len(with_image), seed), return_tensors="pt")
+    grids = iter(images["image_grid_thw"].tolist() if with_image else [])
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     rows, labels = [], []
     for i, (question, answer) in enumerate(make_conversations(n, seed)):

@@ -394,8 +394,10 @@ def make_batch(
     image_size: int = 32,
     image_tokens_per_image: int = 1,
     padding_side: Literal["right", "left"] = "right",
+    text_only_rows: tuple[int, ...] = (),
 ) -> dict[str, torch.Tensor]:
-    """A collated training batch of ``n`` samples, one image each, of different lengths.
+    """A collated training batch of ``n`` samples, one image each (none for
+    ``text_only_rows``), of different lengths.
 
     - ``tinyllava``: one ``IMAGE_TOKEN_INDEX`` (-200) per sample, as the Factory's data pipeline
       makes; bool attention mask; images under ``images``. ``image_tokens_per_image`` must be 1.
@@ -404,7 +406,9 @@ def make_batch(
       long attention mask; images under ``pixel_values``.
 
     Keys: ``input_ids`` [n, T], ``attention_mask`` [n, T], ``labels`` [n, T] (-100 on the prompt,
-    the image tokens and padding), and the image key [n, 3, image_size, image_size].
+    the image tokens and padding), and the image key: TinyLLaVA [n, 3, image_size, image_size]
+    (a text-only sample gets a zero image and no -200 token, as the Factory's dataset gives
+    it); HF LLaVA one image per image sample, the key left out when there is none.
     """
     if host == "tinyllava":
         if image_tokens_per_image != 1:
@@ -418,17 +422,23 @@ def make_batch(
         raise ValueError(f"unknown host {host!r}; expected 'tinyllava' or 'hf_llava'")
 
     samples = [
-        _encode_sample(tokenizer, question, answer, placeholder)
-        for question, answer in make_conversations(n, seed)
+        _encode_sample(tokenizer, question, answer, [] if i in text_only_rows else placeholder)
+        for i, (question, answer) in enumerate(make_conversations(n, seed))
     ]
     ids = [sample_ids for sample_ids, _ in samples]
     generator = torch.Generator().manual_seed(seed)
-    return {
+    images = torch.randn(n, 3, image_size, image_size, generator=generator)
+    text_only = torch.tensor([i in text_only_rows for i in range(n)])
+    batch = {
         "input_ids": _pad(ids, tokenizer.pad_token_id, padding_side),
         "attention_mask": _pad([[1] * len(row) for row in ids], 0, padding_side).to(mask_dtype),
         "labels": _pad([labels for _, labels in samples], IGNORE_INDEX, padding_side),
-        images_key: torch.randn(n, 3, image_size, image_size, generator=generator),
     }
+    if host == "tinyllava":
+        batch[images_key] = images.masked_fill(text_only[:, None, None, None], 0.0)
+    elif not text_only.all():
+        batch[images_key] = images[~text_only]
+    return batch
 
 
 def hf_image_token_conventions(model: nn.Module) -> set[str]:
@@ -441,17 +451,27 @@ def hf_image_token_conventions(model: nn.Module) -> set[str]:
 
 
 def make_host_batch(
-    model: nn.Module, tokenizer: transformers.PreTrainedTokenizerBase, n: int = 2, seed: int = 0
+    model: nn.Module,
+    tokenizer: transformers.PreTrainedTokenizerBase,
+    n: int = 2,
+    seed: int = 0,
+    text_only_rows: tuple[int, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """`make_batch` for `model`'s host, in an image-token convention its forward accepts."""
     from switchkd_plugin.adapters import HFLlavaAdapter, adapter_for
 
     adapter = adapter_for(model)
     if not isinstance(adapter, HFLlavaAdapter):
-        return make_batch(tokenizer, "tinyllava", n=n, seed=seed)
+        return make_batch(tokenizer, "tinyllava", n=n, seed=seed, text_only_rows=text_only_rows)
     size, tokens = model.config.vision_config.image_size, 1
     if "expanded" in hf_image_token_conventions(model):
         tokens = adapter.encode_vision(torch.zeros(1, 3, size, size)).shape[1]
     return make_batch(
-        tokenizer, "hf_llava", n=n, seed=seed, image_size=size, image_tokens_per_image=tokens
+        tokenizer,
+        "hf_llava",
+        n=n,
+        seed=seed,
+        image_size=size,
+        image_tokens_per_image=tokens,
+        text_only_rows=text_only_rows,
     )
