@@ -315,7 +315,8 @@ def test_lora_recipe_fix_is_a_no_op_where_the_check_works(
     import tinyllava.training_recipe.lora_recipe as lora_recipe
 
     once = lora_recipe.LoRATrainingRecipe.training_model_converse
-    assert getattr(once, "_switchkd_compat", False)
+    save = lora_recipe.LoRATrainingRecipe.save
+    assert getattr(once, "_switchkd_compat", False) and getattr(save, "_switchkd_compat", False)
     # A recipe converts once (it edits its own skip list): one per call.
     wrapped = _lora_recipe(tmp_path, "frozen").training_model_converse(
         copy.deepcopy(tinyllava_student)
@@ -323,3 +324,4 @@ def test_lora_recipe_fix_is_a_no_op_where_the_check_works(
     assert _lora_recipe(tmp_path, "frozen").training_model_converse(wrapped) is wrapped
     factory_compat._fix_lora_recipe(lora_recipe)
     assert lora_recipe.LoRATrainingRecipe.training_model_converse is once
+    assert lora_recipe.LoRATrainingRecipe.save is save
