@@ -61,6 +61,8 @@ switchkd-patch check "$FACTORY_DIR" >/dev/null || {
     exit 1
 }
 cd "$FACTORY_DIR"
+# --group_by_modality_length True, as the Factory's finetune.sh: on data of one modality (no
+# text-only sample) the plugin groups by length alone and logs it (the Factory's sampler crashes).
 deepspeed "${LAUNCHER[@]}" tinyllava/train/train.py \
     --distill switchkd \
     --teacher_model_path "$TEACHER_PATH" \

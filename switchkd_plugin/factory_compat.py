@@ -27,6 +27,17 @@ present and is a no-op otherwise:
   None`` to decide whether to add adapters; no transformers release the Factory runs on gives a
   model without adapters that attribute, so the recipe raises ``AttributeError`` before training.
   A model without the attribute is treated as having no adapters (what the check means).
+- The LoRA recipe's ``save`` writes the language model's base weights from ``named_parameters()``,
+  which names a tied weight once: for an LLM that ties its embeddings (Qwen2-0.5B, Qwen2.5-0.5B)
+  ``lm_head.weight`` is left out, and the Factory's ``load_pretrained_model`` (a strict
+  ``load_state_dict``) refuses the checkpoint. After the recipe saves, the tied names are added
+  to ``language_model/pytorch_model.bin``, sharing the saved tensor, so the Factory's own loader,
+  in any process, finds every key (loading one tensor twice into one parameter keeps the tie).
+- ``--group_by_modality_length True`` on data of one modality (no text-only sample, or no image)
+  crashes the Factory's sampler (``not enough values to unpack``): it splits the indices by
+  modality and unpacks each part. With one modality there is nothing to separate, so the
+  indices are grouped by length alone (the Factory's length-grouped sampler), and a log line says
+  so.
 """
 
 from __future__ import annotations
@@ -36,9 +47,11 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import inspect
+import logging
 import sys
 import types
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 _FORMATTER_MODULE = "tinyllava.data.template.formatter"
@@ -54,6 +67,8 @@ _MOVED_TO_PYTORCH_UTILS = (
     "find_pruneable_heads_and_indices",
     "prune_linear_layer",
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _accepts_keyword(func: Callable[..., Any], name: str) -> bool:
@@ -156,7 +171,8 @@ def _fix_model(module: types.ModuleType) -> None:
 
 
 def _fix_trainer(module: types.ModuleType) -> None:
-    """``_get_train_sampler(train_dataset)`` and ``tokenizer=`` for ``LLaVATrainer``."""
+    """``_get_train_sampler(train_dataset)`` and ``tokenizer=`` for ``LLaVATrainer``; its
+    modality-grouped sampler on data of one modality."""
     from transformers import Trainer
 
     trainer = module.LLaVATrainer
@@ -181,8 +197,44 @@ def _fix_trainer(module: types.ModuleType) -> None:
 
         trainer.__init__ = __init__
 
+    _group_one_modality_by_length(module)
+
+
+def _group_one_modality_by_length(module: types.ModuleType) -> None:
+    """The modality-grouped sampler on data of one modality: grouped by length alone."""
+    original = module.get_modality_length_grouped_indices
+    if getattr(original, "_switchkd_compat", False):
+        return
+    by_length = module.get_length_grouped_indices
+
+    def get_modality_length_grouped_indices(
+        lengths: Sequence[int], batch_size: int, world_size: int, generator: Any = None
+    ) -> list[int]:
+        # The Factory's lengths: > 0 for a sample with an image, < 0 for a text-only one.
+        for sign, kind, absent in ((1, "with an image", "text-only"), (-1, "text-only", "image")):
+            if all(length * sign > 0 for length in lengths):
+                logger.warning(
+                    "every training sample is %s (no %s sample): --group_by_modality_length "
+                    "groups the batches by length alone",
+                    kind,
+                    absent,
+                )
+                return by_length(
+                    [abs(length) for length in lengths], batch_size, world_size, generator=generator
+                )
+        return original(lengths, batch_size, world_size, generator=generator)
+
+    get_modality_length_grouped_indices._switchkd_compat = True
+    module.get_modality_length_grouped_indices = get_modality_length_grouped_indices
+
 
 def _fix_lora_recipe(module: types.ModuleType) -> None:
+    """The LoRA recipe's adapter check and its save of a tied language model."""
+    _fix_lora_adapter_check(module)
+    _fix_lora_save(module)
+
+
+def _fix_lora_adapter_check(module: types.ModuleType) -> None:
     """``LoRATrainingRecipe.training_model_converse`` on a model without ``peft_config``.
 
     The recipe reads ``model.peft_config`` and then calls ``get_peft_model(model, ...)``; peft
@@ -215,6 +267,47 @@ def _fix_lora_recipe(module: types.ModuleType) -> None:
     training_model_converse._switchkd_compat = True
     module.get_peft_model = get_peft_model_without_placeholder
     recipe.training_model_converse = training_model_converse
+
+
+def _fix_lora_save(module: types.ModuleType) -> None:
+    """``LoRATrainingRecipe.save`` writes every name of a tied language-model weight."""
+    recipe = module.LoRATrainingRecipe
+    original = recipe.save
+    if getattr(original, "_switchkd_compat", False):
+        return
+
+    def save(self: Any, model: Any, trainer: Any) -> None:
+        original(self, model, trainer)
+        if trainer.args.local_rank in (0, -1):  # the ranks the recipe writes on
+            path = Path(self.training_arguments.output_dir, "language_model", "pytorch_model.bin")
+            _add_tied_names(path, model.language_model)
+
+    save._switchkd_compat = True
+    recipe.save = save
+
+
+def _add_tied_names(path: Path, module: Any) -> None:
+    """Add to the state dict saved at ``path`` the names under which ``module`` holds a
+    parameter it also holds under a saved name (``named_parameters()`` gives the first only)."""
+    import torch
+
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        earlier = first.setdefault(id(parameter), name)
+        if earlier != name:
+            tied[name] = earlier
+    if not tied:
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    added = {
+        name: state[earlier]
+        for name, earlier in tied.items()
+        if name not in state and earlier in state
+    }
+    if added:
+        state.update(added)  # the same tensors: torch.save writes their storage once
+        torch.save(state, path)
 
 
 _BEFORE: dict[str, Callable[[], None]] = {

@@ -5,7 +5,9 @@ The patch is an ordinary git unified diff (``patches/tinyllava_distill.patch``, 
 package). Its ``index OLD..NEW`` lines give the git blob ids of each file before and after, so a
 file is recognised exactly: pristine, patched, or neither (conflicting: refused, nothing written).
 All files are checked before any is written; each write goes to a temporary file renamed over the
-original. Applying then reverting restores the original bytes.
+original. Applying then reverting restores the original bytes. A file that is a symbolic link is
+written through it: the link stays, its target is patched (and restored), as the state was read
+from the target.
 """
 
 from __future__ import annotations
@@ -176,7 +178,9 @@ def tree_state(patch: Sequence[FilePatch], factory_dir: Path) -> State:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` whole: temp file in the same directory, then rename."""
+    """Replace ``path`` by ``data`` whole: temp file in the same directory, then rename. A link is
+    written through: its target is replaced, the link left as it is."""
+    path = path.resolve()
     mode = stat.S_IMODE(path.stat().st_mode)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -283,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"switchkd-patch: could not write: {error}", file=sys.stderr)
         return EXIT_WRITE_FAILED
+    for file_patch in patch:
+        path = factory_dir / file_patch.path
+        if path.is_symlink():
+            print(f"{file_patch.path} is a symbolic link: wrote its target {path.resolve()}")
     print(f"{factory_dir}: {wanted.value}")
     return EXIT_OK
 

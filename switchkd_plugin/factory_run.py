@@ -2,10 +2,14 @@
 
     python -m switchkd_plugin.factory_run tinyllava.eval.model_vqa_pope --model-path ... [args]
 
-The Factory's patched `train.py` loads this plugin before the Factory, so training needs no
-wrapper. Its other entry points (the eval modules that `scripts/eval/*.sh` run with `python -m`)
-do not import on Python >= 3.11 or newer transformers without the fixes: run them through this
-module instead of `python -m`.
+The Factory's patched `train.py` loads this plugin before the Factory for `--distill switchkd`,
+so that training needs no wrapper. Its other entry points (the eval modules that
+`scripts/eval/*.sh` run with `python -m`) do not import on Python >= 3.11 or newer transformers
+without the fixes: run them through this module instead of `python -m`. Run the Factory's own
+training (`--distill none`) through it too, to give it the fixes (e.g. the LoRA recipe's save of
+a tied language model):
+
+    torchrun ... -m switchkd_plugin.factory_run tinyllava.train.train --distill none [args]
 """
 
 from __future__ import annotations

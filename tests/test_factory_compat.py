@@ -178,7 +178,7 @@ def test_tie_weights_takes_what_transformers_passes(tinyllava_student: torch.nn.
 class _FactoryStyleDataset(torch.utils.data.Dataset):
     """Items as the Factory's ``LazySupervisedDataset`` makes them, with its length hints."""
 
-    def __init__(self, batch: dict[str, torch.Tensor]) -> None:
+    def __init__(self, batch: dict[str, torch.Tensor], modalities: str) -> None:
         keep = batch["attention_mask"].bool()
         self.items = [
             {"input_ids": ids[row], "labels": labels[row], "image": image}
@@ -186,9 +186,10 @@ class _FactoryStyleDataset(torch.utils.data.Dataset):
                 batch["input_ids"], batch["labels"], batch["images"], keep, strict=True
             )
         ]
-        # > 0: with image, < 0: text only (the grouping needs both kinds)
+        # > 0: with image, < 0: text only (every item has an image; only the hints differ)
+        sign = {"both": lambda i: (-1) ** i, "images": lambda i: 1, "text": lambda i: -1}
         self.modality_lengths = [
-            len(item["input_ids"]) * (-1) ** i for i, item in enumerate(self.items)
+            len(item["input_ids"]) * sign[modalities](i) for i, item in enumerate(self.items)
         ]
 
     def __len__(self) -> int:
@@ -198,12 +199,18 @@ class _FactoryStyleDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
+@pytest.mark.parametrize("modalities", ["both", "images", "text"])
 def test_factory_model_and_trainer_train(
-    tinyllava_student: torch.nn.Module, tiny_tokenizer, tmp_path: Path
+    tinyllava_student: torch.nn.Module,
+    tiny_tokenizer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    modalities: str,
 ) -> None:
     """The target: build, forward + backward, then two steps of the Factory's ``LLaVATrainer``,
-    constructed as its ``train()`` constructs it (``tokenizer=``), with its length-grouped
-    sampler."""
+    constructed as its ``train()`` constructs it (``tokenizer=``), with its modality- and
+    length-grouped sampler. Data of one modality crashed that sampler (``not enough values to
+    unpack``): it now groups by length alone, and says so."""
     from tinyllava.data.dataset import DataCollatorForSupervisedDataset
     from tinyllava.train.tinyllava_trainer import LengthGroupedSampler, LLaVATrainer
     from tinyllava.utils.arguments import TrainingArguments
@@ -216,7 +223,7 @@ def test_factory_model_and_trainer_train(
     assert all(p.grad is not None for p in model.connector.parameters())
     model.zero_grad()
 
-    dataset = _FactoryStyleDataset(batch)
+    dataset = _FactoryStyleDataset(batch, modalities)
     args = TrainingArguments(
         output_dir=str(tmp_path),
         use_cpu=True,
@@ -241,6 +248,9 @@ def test_factory_model_and_trainer_train(
         assert isinstance(trainer._get_train_sampler(dataset), LengthGroupedSampler)
     loader = trainer.get_train_dataloader()
     assert isinstance(loader.batch_sampler.sampler, LengthGroupedSampler)
+    assert sorted(loader.batch_sampler.sampler) == list(range(len(dataset)))
+    one_modality = "groups the batches by length alone" in caplog.text
+    assert one_modality == (modalities != "both"), caplog.text
 
     connector_before = [p.detach().clone() for p in model.connector.parameters()]
     result = trainer.train()
@@ -305,7 +315,8 @@ def test_lora_recipe_fix_is_a_no_op_where_the_check_works(
     import tinyllava.training_recipe.lora_recipe as lora_recipe
 
     once = lora_recipe.LoRATrainingRecipe.training_model_converse
-    assert getattr(once, "_switchkd_compat", False)
+    save = lora_recipe.LoRATrainingRecipe.save
+    assert getattr(once, "_switchkd_compat", False) and getattr(save, "_switchkd_compat", False)
     # A recipe converts once (it edits its own skip list): one per call.
     wrapped = _lora_recipe(tmp_path, "frozen").training_model_converse(
         copy.deepcopy(tinyllava_student)
@@ -313,3 +324,4 @@ def test_lora_recipe_fix_is_a_no_op_where_the_check_works(
     assert _lora_recipe(tmp_path, "frozen").training_model_converse(wrapped) is wrapped
     factory_compat._fix_lora_recipe(lora_recipe)
     assert lora_recipe.LoRATrainingRecipe.training_model_converse is once
+    assert lora_recipe.LoRATrainingRecipe.save is save

@@ -189,6 +189,29 @@ def test_apply_check_revert_round_trip_is_byte_identical(
     assert _snapshot(factory) == original
 
 
+def test_a_linked_train_py_is_patched_and_restored_through_the_link(
+    factory: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tree whose train.py is a symbolic link (e.g. shared between checkouts): the link stays
+    a link to the same file, whose bytes are patched, then restored."""
+    target = tmp_path / "shared" / "train.py"
+    target.parent.mkdir()
+    link = factory / TRAIN_PY
+    original = link.read_bytes()
+    link.rename(target)
+    link.symlink_to(os.path.relpath(target, link.parent))
+    link_text = os.readlink(link)
+    patch = parse_patch(factory_patch.default_patch_path().read_bytes())
+    for command, blob in (("apply", patch[0].new_blob), ("revert", patch[0].old_blob)):
+        code, out, err = _run(capsys, command, factory)
+        assert (code, err) == (EXIT_OK, "")
+        assert link.is_symlink() and os.readlink(link) == link_text, f"{command}: link replaced"
+        assert f"{TRAIN_PY} is a symbolic link: wrote its target {target.resolve()}" in out
+        assert factory_patch.git_blob_id(target.read_bytes()) == blob
+        assert not [p.name for p in target.parent.iterdir() if p != target]  # no temp file left
+    assert target.read_bytes() == original
+
+
 def test_apply_and_revert_twice_are_no_ops(
     factory: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -350,7 +373,10 @@ def test_the_script_loads_the_strategy_before_the_factory(
     assert main(["apply", str(factory)]) == EXIT_OK
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(factory), str(strategy_site)]),
+        # The caller's path after ours: dependencies installed aside (e.g. einops-exts).
+        "PYTHONPATH": os.pathsep.join(
+            [str(factory), str(strategy_site), os.environ.get("PYTHONPATH", "")]
+        ),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
     result = subprocess.run(

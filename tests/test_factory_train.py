@@ -56,16 +56,30 @@ def workspace(factory, tiny_tokenizer, tmp_path_factory) -> dict[str, Path]:
 
 
 def _train(
-    factory: Path, ws: dict[str, Path], out: Path, processes: int, *extra: str, fails=False
+    factory: Path,
+    ws: dict[str, Path],
+    out: Path,
+    processes: int,
+    *extra: str,
+    fails=False,
+    distill="switchkd",
 ) -> str:
-    """The run's output; `fails`: the run must stop with a non-zero exit status."""
+    """The run's output; `fails`: the run must stop with a non-zero exit status. `distill`
+    "none": the Factory's own training, through the fixing runner (the Factory does not import
+    on this Python without it; our strategy's flash-attn fallback does not run: sdpa)."""
+    if distill == "switchkd":
+        entry = ["tinyllava/train/train.py", "--distill", "switchkd",
+                 "--teacher_model_path", str(ws["teacher"])]  # fmt: skip
+        attention = "flash_attention_2"
+    else:
+        entry = ["-m", "switchkd_plugin.factory_run", "tinyllava.train.train", "--distill", "none"]
+        attention = "sdpa"
     args = [
-        "--distill", "switchkd", "--teacher_model_path", str(ws["teacher"]),
         "--data_path", str(ws["data"]), "--image_folder", str(ws["images"]),
         "--is_multimodal", "True", "--conv_version", "qwen2_instruct",
         "--model_name_or_path", str(ws["llm"]), "--vision_tower", str(ws["vision"]),
         "--vision_tower2", "", "--connector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2",
-        "--image_aspect_ratio", "square", "--attn_implementation", "flash_attention_2",
+        "--image_aspect_ratio", "square", "--attn_implementation", attention,
         "--training_recipe", "common", "--tune_type_llm", "full",
         "--tune_type_vision_tower", "full", "--tune_type_connector", "full",
         "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
@@ -74,11 +88,13 @@ def _train(
         "--lazy_preprocess", "True", *extra,
     ]  # fmt: skip
     no_shm = Path(__file__).with_name("deepspeed_no_shm")  # skips a 40-60 s DeepSpeed JIT build
-    # ROOT: the subprocess runs this checkout's plugin, whichever copy is installed.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(factory), str(ROOT), str(no_shm)]),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    # ROOT: the subprocess runs this checkout's plugin, whichever copy is installed; the
+    # caller's path comes after ours (dependencies installed aside, e.g. einops-exts).
+    path = [str(factory), str(ROOT), str(no_shm), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={processes}", "tinyllava/train/train.py", *args]  # fmt: skip
+               f"--nproc_per_node={processes}", *entry, *args]  # fmt: skip
     result = subprocess.run(command, cwd=factory, env=env, capture_output=True, text=True,
                             timeout=240)  # fmt: skip
     log = result.stdout + result.stderr
@@ -156,6 +172,49 @@ def test_lora_recipe_saves_a_student_the_factory_loader_merges(
         assert llm_moved and not vision_moved
     _generate_from_an_image(out, workspace)
     _check_loads_as_a_merged_teacher(out)
+
+
+@pytest.fixture(scope="module")
+def tied_workspace(workspace, tiny_tokenizer) -> dict[str, Path]:
+    """The workspace with a student whose LM ties lm_head to its input embeddings, as Qwen2-0.5B
+    and Qwen2.5-0.5B (the paper's student) do."""
+    spec = student_spec(name="tied-student", tie_word_embeddings=True)
+    llm, vision = write_tinyllava_components(spec, tiny_tokenizer, workspace["root"])
+    return {**workspace, "llm": llm, "vision": vision}
+
+
+@pytest.fixture(scope="module")
+def tied_pretrained(factory, tied_workspace, tmp_path_factory) -> Path:
+    """The tied student's pretrain stage (the common recipe's per-component layout)."""
+    out = tmp_path_factory.mktemp("runs") / "tied-student-pretrain"
+    _train(factory, tied_workspace, out, 1)
+    return out
+
+
+@pytest.mark.parametrize(("recipe", "distill"), [("lora", "switchkd"), ("lora", "none"),
+                                                 ("full", "switchkd")])  # fmt: skip
+def test_a_tied_student_saves_a_checkpoint_the_factory_loads(
+    factory, tied_workspace, tied_pretrained, tmp_path, recipe, distill
+):
+    """Saved by the recipe, loaded by the Factory's `load_pretrained_model` (as its eval scripts
+    do), tied, and generating. The LoRA recipe wrote the LM's base weights without
+    `lm_head.weight`, which the loader's strict `load_state_dict` refused; full-tune checkpoints
+    loaded already. The data has no text-only sample, and the script's default
+    `--group_by_modality_length True` is on."""
+    from tinyllava.model.load_model import load_pretrained_model
+
+    lora = recipe == "lora"
+    flags = (*LORA_FLAGS, "--tune_type_vision_tower", "full") if lora else ()
+    # The recipes save what the loader reads only for these names (see the README).
+    out = tmp_path / ("tied-student-lora-finetune" if lora else "tied-student-finetune")
+    log = _train(factory, tied_workspace, out, 1, *flags, "--pretrained_model_path",
+                 str(tied_pretrained), "--group_by_modality_length", "True",
+                 distill=distill)  # fmt: skip
+    assert "groups the batches by length alone" in log
+    model = load_pretrained_model(str(out), device="cpu")[0]
+    llm = model.language_model
+    assert llm.get_output_embeddings().weight is llm.get_input_embeddings().weight
+    _generate_from_an_image(out, tied_workspace)
 
 
 def _check_loads_as_a_merged_teacher(checkpoint: Path) -> None:

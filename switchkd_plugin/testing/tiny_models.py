@@ -84,6 +84,7 @@ class TinyVLMSpec:
     max_length: int = 512  # max positions; also the Factory's tokenizer_model_max_length
     vocab_multiple_of: int = 1  # pad the LM vocabulary (real Qwen checkpoints pad to 64/128)
     attn_implementation: str = "eager"
+    tie_word_embeddings: bool = False  # the LM's lm_head is its input embedding (Qwen2.5-0.5B)
     seed: int = 0
 
     @property
@@ -175,7 +176,8 @@ def _seeded(seed: int) -> Iterator[None]:
 def qwen2_config(
     spec: TinyVLMSpec, tokenizer: transformers.PreTrainedTokenizerBase
 ) -> transformers.Qwen2Config:
-    """The spec's language model config (untied embeddings, no sliding window, no pad id)."""
+    """The spec's language model config (embeddings tied as the spec says, no sliding window, no
+    pad id)."""
     return transformers.Qwen2Config(
         vocab_size=spec.lm_vocab_size(tokenizer),
         hidden_size=spec.hidden_size,
@@ -184,7 +186,7 @@ def qwen2_config(
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
         max_position_embeddings=spec.max_length,
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_word_embeddings,
         use_sliding_window=False,
         eos_token_id=tokenizer.eos_token_id,
         # No padding_idx, as in real Qwen2 configs: a zero pad embedding makes transformers 4.40's
