@@ -9,6 +9,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 
 from .adapters import adapter_class_for
@@ -86,11 +87,19 @@ def load_teacher(
 
 
 def _incomplete_teacher(directory: Path, model_class: type, detail: str) -> ValueError:
+    saved_by = json.loads((directory / "config.json").read_text()).get("transformers_version")
+    # A newer release may save a key layout an older one cannot map (LLaVA from 5.x into 4.40).
+    release = (
+        f" It was saved by transformers {saved_by}, this is {transformers.__version__}: train "
+        "with that release (or a newer one)."
+        if saved_by and saved_by != transformers.__version__
+        else ""
+    )
     return ValueError(
         f"--teacher_model_path {directory}: {model_class.__name__}.from_pretrained does not load "
         f"every weight of it ({detail}); refusing to distil from a partly random teacher. Use a "
         f"complete checkpoint of the student's model type, saved from a {model_class.__name__} "
-        "(save_pretrained), or copy the missing weight files again"
+        f"(save_pretrained), or copy the missing weight files again.{release}"
     )
 
 
