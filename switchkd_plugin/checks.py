@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+
+from torch import nn
 
 from .adapters import VLMAdapter
 
@@ -26,6 +29,58 @@ def check_teacher_path(path: str | None) -> Path:
             "point it at the folder that save_pretrained / the Factory's recipe wrote"
         )
     return directory
+
+
+def check_teacher_model_type(directory: Path, model_class: type) -> None:
+    """Refuse, before any weight is read, a teacher saved from another model type than the
+    student's class: loaded with that class, most of its weights would not match and stay random
+    (transformers only warns). Compares config.json's ``model_type`` (its ``architectures`` when
+    it has none) with ``model_class``'s."""
+    saved = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    model_type, architectures = saved.get("model_type"), saved.get("architectures") or []
+    expected = getattr(getattr(model_class, "config_class", None), "model_type", None)
+    if model_type is None:
+        differs = bool(architectures) and model_class.__name__ not in architectures
+    else:
+        differs = bool(expected) and model_type != expected
+    if differs:
+        raise ValueError(
+            _other_model_type(
+                f"the teacher at {directory}",
+                model_type,
+                ", ".join(architectures) or "no architectures recorded",
+                (expected, model_class.__name__),
+            )
+            + "; Switch-KD loads the teacher with the student's class, which would leave most "
+            "of its weights unloaded (random). Use a teacher of the student's model type "
+            "(e.g. a larger size of the student's model line) as --teacher_model_path"
+        )
+
+
+def check_teacher_model(teacher: nn.Module, student: nn.Module) -> None:
+    """A teacher passed as a model must be of the student's model type, as a loaded one is."""
+    teacher_type, student_type = (
+        getattr(getattr(model, "config", None), "model_type", None) for model in (teacher, student)
+    )
+    if teacher_type != student_type:
+        raise ValueError(
+            _other_model_type(
+                "the teacher_model",
+                teacher_type,
+                type(teacher).__name__,
+                (student_type, type(student).__name__),
+            )
+            + "; Switch-KD distils between sizes of one model type (the switch runs the "
+            "teacher's layers on the student's vision features). Pass a teacher of the "
+            "student's model type"
+        )
+
+
+def _other_model_type(
+    teacher: str, model_type: str | None, classes: str, student: tuple[str | None, str]
+) -> str:
+    kind = f"a {model_type} model" if model_type else "a model"
+    return f"{teacher} is {kind} ({classes}) but the student is {student[0]} ({student[1]})"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")

@@ -1,5 +1,13 @@
 """Constants shared by the engine, the adapters, the test fixtures and the demo."""
 
+import transformers
+from packaging import version
+
+# The keyword `from_pretrained` takes the dtype under (renamed in transformers 4.56).
+DTYPE_KWARG = (
+    "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
+)
+
 # Label of a position that is not supervised (PyTorch's cross_entropy default ignore_index, and
 # what transformers' and TinyLLaVA Factory's data pipelines write).
 IGNORE_INDEX = -100

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .config import SwitchKDArguments
-from .teacher import DTYPE_KWARG
+from .constants import DTYPE_KWARG
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,16 @@ def _examples(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
 
 
+def loading_problems(info: dict) -> str:
+    """What `from_pretrained(..., output_loading_info=True)` left unmatched, as counts and
+    examples ("" when every weight was loaded). Tied weights are not reported missing there."""
+    problems = {
+        name.replace("_", " "): sorted(str(key) for key in info.get(name) or ())
+        for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+    return "; ".join(f"{len(v)} {k} ({_examples(v)})" for k, v in problems.items() if v)
+
+
 def load_translated(model: nn.Module, directory: str | Path) -> None:
     """Load the checkpoint in `directory` into `model` through `type(model).from_pretrained`,
     which maps a saved key layout onto the model's; raise unless every parameter is restored.
@@ -94,12 +104,7 @@ def load_translated(model: nn.Module, directory: str | Path) -> None:
     loaded, info = type(model).from_pretrained(
         str(directory), output_loading_info=True, **{DTYPE_KWARG: dtype}
     )
-    problems = {
-        name.replace("_", " "): list(info.get(name) or ())
-        for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
-    }
-    if any(problems.values()):
-        detail = "; ".join(f"{len(v)} {k} ({_examples(v)})" for k, v in problems.items() if v)
+    if detail := loading_problems(info):
         raise _refusal(directory, f"{type(model).__name__}.from_pretrained still finds {detail}")
     model.load_state_dict(loaded.state_dict(), strict=True)
     logger.info("Switch-KD: resumed the model weights from %s (key layout converted)", directory)

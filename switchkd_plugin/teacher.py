@@ -10,17 +10,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from packaging import version
 from torch import nn
 
 from .adapters import adapter_class_for
-from .checks import check_teacher_path, check_teacher_weights
+from .checks import check_teacher_model_type, check_teacher_path, check_teacher_weights
+from .constants import DTYPE_KWARG
+from .resume import loading_problems
 
 logger = logging.getLogger(__name__)
-
-DTYPE_KWARG = (
-    "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
-)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -49,27 +46,61 @@ def load_teacher(
 
     Under ZeRO-3, transformers partitions a model as it loads it; `partitioned=False` loads the
     full weights instead (`--teacher_zero3 replicate`).
+
+    A directory saved from another model type is refused before anything is loaded, and a load
+    that leaves any weight missing, unused or of another shape is refused after it: transformers
+    only warns, and the teacher would be partly random.
     """
     if is_lora_checkpoint(path):
         return load_lora_teacher(
             path, model_class, dtype, attn_implementation, vision_attn_implementation, partitioned
         )
     directory = check_teacher_path(path)
+    check_teacher_model_type(directory, model_class)
     check_teacher_weights(directory)
     try:
         config = model_class.config_class.from_pretrained(str(directory))
         _set_attention(config, attn_implementation, vision_attn_implementation)
         logger.info("Switch-KD: loading the teacher %s from %s", model_class.__name__, directory)
         with nullcontext() if partitioned else _zero3_init_disabled():
-            teacher = model_class.from_pretrained(
-                str(directory), config=config, **{DTYPE_KWARG: dtype}
+            teacher, info = model_class.from_pretrained(
+                str(directory), config=config, output_loading_info=True, **{DTYPE_KWARG: dtype}
             )
     except (OSError, ValueError) as error:
         raise ValueError(
             f"--teacher_model_path {path}: could not load a {model_class.__name__} from it "
             f"({error}); the teacher must be a saved checkpoint of the student's model family"
         ) from error
+    except RuntimeError as error:
+        # Shapes that differ are raised, not reported, unless `ignore_mismatched_sizes` (which
+        # under ZeRO-3 compares against partitioned shapes on older releases, and whose advice
+        # the error repeats): keep only the lines naming the weights.
+        if "mismatch" not in str(error):
+            raise
+        named = [line.strip() for line in str(error).splitlines() if "size mismatch for" in line]
+        detail = "; ".join(named) or "named in transformers' load report above"
+        detail = f"weights of other shapes: {detail}"
+        raise _incomplete_teacher(directory, model_class, detail) from error
+    if detail := loading_problems(info):
+        raise _incomplete_teacher(directory, model_class, detail)
     return teacher
+
+
+def _incomplete_teacher(directory: Path, model_class: type, detail: str) -> ValueError:
+    saved_by = json.loads((directory / "config.json").read_text()).get("transformers_version")
+    # A newer release may save a key layout an older one cannot map (LLaVA from 5.x into 4.40).
+    release = (
+        f" It was saved by transformers {saved_by}, this is {transformers.__version__}: train "
+        "with that release (or a newer one)."
+        if saved_by and saved_by != transformers.__version__
+        else ""
+    )
+    return ValueError(
+        f"--teacher_model_path {directory}: {model_class.__name__}.from_pretrained does not load "
+        f"every weight of it ({detail}); refusing to distil from a partly random teacher. Use a "
+        f"complete checkpoint of the student's model type, saved from a {model_class.__name__} "
+        f"(save_pretrained), or copy the missing weight files again.{release}"
+    )
 
 
 def _set_attention(config, attn_implementation: str | None, vision_attn: str | None) -> None:
@@ -93,8 +124,11 @@ def is_lora_checkpoint(path: str | None) -> bool:
 
 
 def lora_base_path(path: str) -> str:
-    """``base_model_name_or_path`` of the adapters in ``path`` (where their base model lives)."""
-    with open(Path(path).expanduser() / ADAPTER_CONFIG, encoding="utf-8") as handle:
+    """``base_model_name_or_path`` of the adapters in ``path`` (where their base model lives):
+    a local directory with a ``config.json``, else an error naming that field of the adapters'
+    ``adapter_config.json`` (the user set --teacher_model_path to the adapters, not the base)."""
+    adapter_config = Path(path).expanduser() / ADAPTER_CONFIG
+    with open(adapter_config, encoding="utf-8") as handle:
         base = json.load(handle).get("base_model_name_or_path")
     if not base:
         raise ValueError(
@@ -102,7 +136,17 @@ def lora_base_path(path: str) -> str:
             "no base model (base_model_name_or_path) and holds no base weights; set "
             "base_model_name_or_path to the base checkpoint, or pass the merged teacher"
         )
-    return base
+    base_dir = Path(base).expanduser()
+    if (base_dir / "config.json").is_file():
+        return base
+    problem = "a directory without config.json" if base_dir.is_dir() else "no such directory"
+    raise FileNotFoundError(
+        f"--teacher_model_path {path} holds LoRA adapters whose base model, "
+        f"base_model_name_or_path in {adapter_config}, is {base!r}: {problem} (the teacher's "
+        "base is read from a local directory). Edit base_model_name_or_path in that file to "
+        "the base model's directory, or pass the merged teacher (merge_and_unload, then "
+        "save_pretrained) as --teacher_model_path"
+    )
 
 
 def load_lora_teacher(
@@ -130,6 +174,7 @@ def load_lora_teacher(
     directory = Path(path).expanduser()
     config = None
     if (directory / "config.json").is_file():
+        check_teacher_model_type(directory, model_class)
         config = model_class.config_class.from_pretrained(str(directory))
         _set_attention(config, attn_implementation, vision_attn_implementation)
     base = adapter_class_for(model_class).load_lora_base(directory, model_class, config)

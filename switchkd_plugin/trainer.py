@@ -26,6 +26,7 @@ from .adapters import VLMAdapter, adapter_for
 from .checks import (
     check_switch_fields,
     check_switch_widths,
+    check_teacher_model,
     check_teacher_path,
     check_teacher_tokenizer_files,
     shared_vocab_size,
@@ -293,6 +294,8 @@ class SwitchKDTrainerMixin:
                     vision_attn_implementation=_attn_of(student.vision_module),
                     partitioned=self._teacher_sharded,
                 )
+            else:
+                check_teacher_model(teacher, student.model)
             # Under ZeRO-3 the teacher is sharded by a DeepSpeed engine on first use (the config
             # is only complete once training starts); elsewhere it is a frozen replica.
             device = None if self._teacher_sharded else self.args.device

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -309,6 +310,34 @@ def test_different_vision_encoders_are_refused_naming_the_field(
     # without the switch the same pair distils (align only)
     trainer = _trainer(student, tokenizer, [], tmp_path, teacher=teacher, w_vsd=0.0)
     assert trainer._engine.run_align and not trainer._engine.run_switch
+
+
+@pytest.mark.parametrize("w_vsd", [1.0, 0.0])
+def test_a_teacher_of_another_model_type_is_refused_before_loading(
+    tokenizer, tmp_path, caplog, w_vsd
+):
+    """A Qwen3-VL teacher for a Qwen2.5-VL student: loaded with the student's class, most of its
+    weights would stay random. Refused before any weight is read, the model types named first
+    (not a vision-config field), with or without the switch; as a model object too."""
+    if not all(hasattr(transformers, name) for name in HOST_CLASSES.values()):
+        pytest.skip(f"transformers {transformers.__version__} lacks Qwen2.5-VL or Qwen3-VL")
+    student = qwen.build_qwen_vl("qwen2_5_vl", student_spec(), tokenizer)
+    teacher = qwen.build_qwen_vl("qwen3_vl", teacher_spec(), tokenizer)
+    saved = tmp_path / "qwen3-vl-teacher"
+    teacher.save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    types = (
+        "is a qwen3_vl model (Qwen3VLForConditionalGeneration) but the student is qwen2_5_vl "
+        "(Qwen2_5_VLForConditionalGeneration)"
+    )
+    logs = caplog.at_level(logging.INFO, logger="switchkd_plugin")
+    with logs, pytest.raises(ValueError) as refused:
+        _trainer(student, tokenizer, [], tmp_path / "run", teacher_model_path=str(saved),
+                 w_vsd=w_vsd)  # fmt: skip
+    assert str(refused.value).startswith(f"the teacher at {saved} {types}"), refused.value
+    assert "loading the teacher" not in caplog.text  # refused before from_pretrained
+    with pytest.raises(ValueError, match=rf"^the teacher_model {re.escape(types)}"):
+        _trainer(student, tokenizer, [], tmp_path / "run", teacher=teacher, w_vsd=w_vsd)
 
 
 def test_batch_problems_are_named(pair, tokenizer):

@@ -8,6 +8,7 @@ dB = s * dW @ A^T (one SGD step, same batch, same teacher).
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -157,3 +158,23 @@ def test_hf_lora_teacher_without_a_base_is_refused(hf_teacher, tmp_path):
     lora.save_pretrained(tmp_path / "teacher-lora")
     with pytest.raises(ValueError, match="base_model_name_or_path"):
         load_teacher(str(tmp_path / "teacher-lora"), type(hf_teacher), torch.float32, "eager")
+
+
+def test_hf_lora_teacher_over_a_missing_base_names_its_adapter_config(
+    hf_student, hf_teacher, tiny_tokenizer, tmp_path
+):
+    """--teacher_model_path names the adapters; the base that their adapter_config.json points
+    at is gone (e.g. trained on another machine): the error names that file's field and value."""
+    adapter_dir = tmp_path / "teacher-lora"
+    peft.get_peft_model(copy.deepcopy(hf_teacher), _lora_config()).save_pretrained(adapter_dir)
+    tiny_tokenizer.save_pretrained(adapter_dir)
+    adapter_config = adapter_dir / "adapter_config.json"
+    fields = json.loads(adapter_config.read_text())
+    adapter_config.write_text(json.dumps({**fields, "base_model_name_or_path": "/nonexistent/b"}))
+    with pytest.raises(FileNotFoundError) as refused:
+        _trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path / "run",
+                 teacher_model_path=str(adapter_dir))  # fmt: skip
+    message = str(refused.value)
+    assert message.startswith(f"--teacher_model_path {adapter_dir} holds LoRA adapters"), message
+    assert f"base_model_name_or_path in {adapter_config}, is '/nonexistent/b': no such" in message
+    assert "Edit base_model_name_or_path" in message and "pass the merged teacher" in message

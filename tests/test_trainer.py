@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import logging
+import re
 
 import pytest
 import torch
@@ -410,6 +412,44 @@ def test_broken_teacher_directories_say_what_is_wrong(
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
     with pytest.raises(ValueError, match=r"teacher.*model\.safetensors is truncated or corrupt"):
         _trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path,
+                 teacher_model_path=str(saved))  # fmt: skip
+
+
+@pytest.mark.parametrize("change", ["drop", "extra", "reshape"])
+def test_a_teacher_load_that_leaves_a_weight_unmatched_is_refused(
+    hf_student, hf_teacher, tiny_tokenizer, tmp_path, change
+):
+    """transformers only warns when a checkpoint lacks a weight (left random) or has one the
+    class does not use; a teacher load refuses both, and weights of another shape, naming them."""
+    from safetensors.torch import load_file, save_file
+
+    saved = tmp_path / "teacher"
+    hf_teacher.save_pretrained(str(saved))
+    tiny_tokenizer.save_pretrained(str(saved))
+    weights = saved / "model.safetensors"
+    state = load_file(weights)
+    # the saved key layout differs by release (5.x: `multi_modal_projector.*`, model: `model.*`)
+    key = next(k for k in state if k.endswith("multi_modal_projector.linear_1.bias"))
+    expected = {
+        "drop": r"1 missing keys \([\w.]*multi_modal_projector\.linear_1\.bias\)",
+        "extra": r"1 unexpected keys \(extra_head\.weight\)",
+        "reshape": r"weights of other shapes: (size mismatch for [\w.]*linear_1\.bias|named in)",
+    }[change]
+    if change == "drop":
+        del state[key]
+    elif change == "extra":
+        state["extra_head.weight"] = torch.zeros(2, 2)
+    else:
+        state[key] = state[key][:-1].clone()
+    save_file(state, weights, metadata={"format": "pt"})
+    # as if saved by another release (one reason a load misses weights): the error says which
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, "transformers_version": "9.0.0"}))
+    release = rf"saved by transformers 9\.0\.0, this is {re.escape(transformers.__version__)}"
+    with pytest.raises(
+        ValueError, match=rf"teacher_model_path {saved}: .*{expected}.*partly random.*{release}"
+    ):
+        _trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path / "run",
                  teacher_model_path=str(saved))  # fmt: skip
 
 
