@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from switchkd_plugin.adapters import HFLlavaAdapter, VLMAdapter, adapter_for
 from switchkd_plugin.config import SwitchKDArguments
-from switchkd_plugin.engine import StepTerms, SwitchKDEngine, _float_tensors
+from switchkd_plugin.engine import StepTerms, SwitchKDEngine
 from switchkd_plugin.losses import dbild_loss
 from switchkd_plugin.testing import (
     IGNORE_INDEX,
@@ -382,13 +382,12 @@ def test_trainer_trains_on_text_only_batches(hf_student, hf_teacher, tiny_tokeni
 
 def assert_placeholder_goes_through(*adapters: VLMAdapter) -> None:
     """Each adapter's `placeholder_images` (one blank image in its host's layout) goes through
-    its `vision_features` and `project`, and through the next adapter's `project` (the switch),
-    to finite values."""
+    its `vision_features` and `project`, and through the next adapter's `project` (the
+    switch). Their values are checked through the engine (`0 * NaN` would change the loss)."""
     features = [adapter.vision_features(adapter.placeholder_images()) for adapter in adapters]
     for adapter, own, other in zip(adapters, features, features[1:] + features[:1], strict=True):
-        for value in (own, adapter.project(own), adapter.project(other)):
-            assert value is not None
-            assert all(torch.isfinite(t).all() for t in _float_tensors(value))
+        assert own is not None
+        assert adapter.project(own) is not None and adapter.project(other) is not None
 
 
 def assert_text_only_rank_runs_the_image_ranks_calls(
