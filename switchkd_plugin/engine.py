@@ -142,7 +142,8 @@ class SwitchKDEngine:
             to the number every rank uses (e.g. an all-reduced maximum). Ranks with fewer rows
             run empty chunks, so each rank makes the same lm_head calls (ZeRO-3 gathers the
             parameters collectively at each) and uses every parameter (DDP, ZeRO-2), a rank
-            without any response token included.
+            without any response token included. Set, it also makes a micro-batch without
+            images run the placeholder image (see the module docstring).
         teacher_calls: how the teacher's passes and lm_head are called (default: directly;
             `ShardedTeacherCalls` for a ZeRO-3 sharded teacher).
         sharded_student_head: for a student lm_head whose parameters are sharded (ZeRO-3), a
