@@ -17,10 +17,21 @@ switch pass runs on the samples with an image only, and VSD (its sum, row count 
 and k statistics) covers their rows only. What that saves: a batch without any image sample
 skips the switch pass (one teacher decoder forward and backward); a mixed batch runs it on the
 image samples' rows only, and their teacher lm_head rows only.
+
+A micro-batch without images on several ranks: the host would skip the vision encoders and
+connectors, while ranks with images call them, so ZeRO-3 (which gathers parameters per module
+call, in forward and backward) would deadlock and DDP without `find_unused_parameters` would
+fail. There each model's vision encoder runs on one blank image instead (the adapter's
+`placeholder_images`), and its connector (the teacher's in the switch pass too) on those
+features; the embeddings are not spliced (the text has no image token) but added to the
+pathway's input embeddings times 0, so every rank makes the same calls in forward and backward
+and the loss and gradients are exactly unchanged. Cost: one blank image through each model's
+vision encoder and connector per text-only micro-batch, on several ranks only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -29,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .adapters import VLMAdapter
+from .adapters import MultimodalInputs, VLMAdapter
+from .adapters.base import VisionFeatures
 from .config import SwitchKDArguments
 from .constants import IGNORE_INDEX
 from .divergences import DBiLDTerm, make_divergence
@@ -130,7 +142,8 @@ class SwitchKDEngine:
             to the number every rank uses (e.g. an all-reduced maximum). Ranks with fewer rows
             run empty chunks, so each rank makes the same lm_head calls (ZeRO-3 gathers the
             parameters collectively at each) and uses every parameter (DDP, ZeRO-2), a rank
-            without any response token included.
+            without any response token included. Set, it also makes a micro-batch without
+            images run the placeholder image (see the module docstring).
         teacher_calls: how the teacher's passes and lm_head are called (default: directly;
             `ShardedTeacherCalls` for a ZeRO-3 sharded teacher).
         sharded_student_head: for a student lm_head whose parameters are sharded (ZeRO-3), a
@@ -173,6 +186,20 @@ class SwitchKDEngine:
 
     # ------------------------------------------------------------------------------ passes
 
+    def _vision_features(
+        self, adapter: VLMAdapter, batch: dict
+    ) -> tuple[VisionFeatures | None, bool]:
+        """The batch's vision features, and whether they are a blank image's (a placeholder).
+
+        A batch without images gets None on one rank (no vision call, as in the host); on
+        several ranks, the features of the adapter's `placeholder_images`, which the pathways
+        add with weight 0 (`_pathway_inputs`): every rank calls the vision encoder and
+        connector in forward and backward, as the ranks with images do."""
+        features = adapter.vision_features(batch)
+        if features is not None or self.agree_chunks is None:
+            return features, False
+        return adapter.vision_features(adapter.placeholder_images()), True
+
     def _switch_samples(self, batch: dict) -> SwitchSamples | None:
         """Which samples the switch pass runs on this step; None: it does not run.
 
@@ -194,15 +221,23 @@ class SwitchKDEngine:
         return SwitchSamples(first, distilled=False)
 
     def _teacher_passes(
-        self, batch: dict, features, embeds, rows: ResponseRows, switch: SwitchSamples | None
+        self,
+        batch: dict,
+        features,
+        embeds,
+        placeholder: bool,
+        rows: ResponseRows,
+        switch: SwitchSamples | None,
     ) -> tuple[Tensor, ...]:
         """The teacher's rows `[n, H_T]` and the distilled-row mask `[n]` (bool), then, when
         the switch pass runs, its rows `[n, H_T]` and the VSD-row mask `[n]` (the switched
-        samples' distilled rows); all laid out in the student's `rows` order."""
+        samples' distilled rows); all laid out in the student's `rows` order. `placeholder`:
+        the student's features are a blank image's (`_vision_features`)."""
         teacher_hidden, mask = self._teacher_rows(batch).aligned_to(rows)
         if switch is None:
             return teacher_hidden, mask
-        switched = self._switch_rows(features, embeds, batch, switch.keep).spread(switch.keep)
+        switched = self._switch_rows(features, embeds, placeholder, batch, switch.keep)
+        switched = switched.spread(switch.keep)
         switch_hidden, switch_valid = switched.aligned_to(rows)
         vsd_mask = mask & switch_valid if switch.distilled else torch.zeros_like(mask)
         return teacher_hidden, mask, switch_hidden, vsd_mask
@@ -210,12 +245,12 @@ class SwitchKDEngine:
     def _teacher_rows(self, batch: dict) -> ResponseRows:
         teacher = self.teacher
         with torch.no_grad():
-            features = teacher.vision_features(batch)
-            inputs = teacher.pathway_inputs(batch, _project(teacher, features))
+            features, placeholder = self._vision_features(teacher, batch)
+            inputs = _pathway_inputs(teacher, batch, _project(teacher, features), placeholder)
             return ResponseRows.from_pathway(teacher.decode(inputs), inputs.labels)
 
     def _switch_rows(
-        self, student_features, student_embeds, batch: dict, keep: Tensor
+        self, student_features, student_embeds, placeholder: bool, batch: dict, keep: Tensor
     ) -> ResponseRows:
         """The switch pass on the samples `keep` [B] bool: their rows, in sample order."""
         teacher = self.teacher
@@ -225,7 +260,7 @@ class SwitchKDEngine:
             batch, images = teacher.select_samples(batch, keep, images)
         # pathway_inputs casts the student's embeddings to the teacher's dtype
         embeds = _project(teacher, images) if vision else images
-        inputs = teacher.pathway_inputs(batch, embeds)
+        inputs = _pathway_inputs(teacher, batch, embeds, placeholder)
         per_layer = self.checkpoint_teacher_layers
         with checkpoint_each_layer(teacher.decoder_layers) if per_layer else nullcontext():
             hidden = teacher.decode(inputs)
@@ -298,9 +333,9 @@ class SwitchKDEngine:
         """batch: `input_ids`, `attention_mask`, `labels` `[B, T]` and the images
         (`images` / `pixel_values` `[B, 3, h, w]`)."""
         student = self.student
-        features = student.vision_features(batch)  # None for a text-only batch
+        features, placeholder = self._vision_features(student, batch)
         embeds = _project(student, features)
-        inputs = student.pathway_inputs(batch, embeds)
+        inputs = _pathway_inputs(student, batch, embeds, placeholder)
         student_states = student.decode(inputs)
         rows = ResponseRows.from_pathway(student_states, inputs.labels)
 
@@ -308,7 +343,7 @@ class SwitchKDEngine:
         teacher_hidden = switch_hidden = distill_mask = vsd_mask = teacher_head = None
         if self.run_align or switch is not None:
             passes = self.teacher_calls.run(
-                lambda: self._teacher_passes(batch, features, embeds, rows, switch)
+                lambda: self._teacher_passes(batch, features, embeds, placeholder, rows, switch)
             )
             teacher_hidden, distill_mask, *switched = passes
             switch_hidden, vsd_mask = switched if switched else (None, None)
@@ -364,6 +399,31 @@ class SwitchKDEngine:
 def _project(adapter: VLMAdapter, features):
     """The adapter's connector; None (no image in the batch) stays None, as in the host."""
     return None if features is None else adapter.project(features)
+
+
+def _pathway_inputs(
+    adapter: VLMAdapter, batch: dict, embeds, placeholder: bool
+) -> MultimodalInputs:
+    """`adapter.pathway_inputs`. A placeholder's embeddings are left out of the text (it has no
+    image token) and added to the input embeddings times 0: backward reaches the vision encoder
+    and connector that made them, and nothing changes."""
+    if not placeholder:
+        return adapter.pathway_inputs(batch, embeds)
+    inputs = adapter.pathway_inputs(batch, None)
+    zero = sum((part * 0).sum() for part in _float_tensors(embeds))
+    inputs.inputs_embeds = inputs.inputs_embeds + zero.to(inputs.inputs_embeds)
+    return inputs
+
+
+def _float_tensors(value) -> list[Tensor]:
+    """The floating-point tensors in `value`: a tensor, a sequence or an adapter's dataclass."""
+    if isinstance(value, Tensor):
+        return [value] if value.is_floating_point() else []
+    if dataclasses.is_dataclass(value):
+        value = [getattr(value, item.name) for item in dataclasses.fields(value)]
+    if isinstance(value, (list, tuple)):
+        return [tensor for part in value for tensor in _float_tensors(part)]
+    return []
 
 
 def _count(mask: Tensor | None, rows: int) -> int:

@@ -54,17 +54,42 @@ def _models_and_micro_batches(family: str):
     return tokenizer, student, teacher.requires_grad_(False).eval(), micro
 
 
+def _text_only_micro_batch(family: str, student, tokenizer) -> dict:
+    """3 samples without any image (no image tokens, no image inputs), in the family's layout."""
+    if family == "hf_llava":
+        return make_host_batch(student, tokenizer, n=3, seed=8, text_only_rows=(0, 1, 2))
+    from switchkd_plugin.testing import families, qwen_vl
+
+    if family in families.FAMILIES:
+        return families.make_family_batch(family, student, tokenizer, n=3, seed=8, text_only=True)
+    return qwen_vl.make_qwen_vl_batch(tokenizer, n=3, seed=8, text_only_rows=(0, 1, 2))
+
+
+def _freeze_what_the_host_leaves_unused(student, batch: dict) -> None:
+    """Freeze the parameters the host's own forward never uses (the tiny SigLIP's last layer
+    and head, past vision_feature_layer=-2): DDP without find_unused_parameters needs every
+    trainable parameter to get a gradient on every rank."""
+    student(**batch).loss.backward()
+    for parameter in student.parameters():
+        if parameter.grad is None:
+            parameter.requires_grad_(False)
+    student.zero_grad(set_to_none=True)
+
+
 def main(
     out_dir: str, world_micro_batches: str, deepspeed: str = "", teacher_zero3: str = "shard"
 ) -> None:
     family = os.environ.get("SWITCHKD_TEST_FAMILY", "hf_llava")  # tests/test_famil*.py
     tokenizer, student, teacher, micro = _models_and_micro_batches(family)
+    find_unused = os.environ.get("SWITCHKD_TEST_FIND_UNUSED", "1") == "1"
+    if not find_unused:
+        _freeze_what_the_host_leaves_unused(student, micro[1])
     # The first micro-batch has no response token: the rank (or accumulation micro-batch) that
     # takes it still makes every collective call and uses every parameter, and the ranks need
     # different numbers of lm_head chunks.
     micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
     if os.environ.get("SWITCHKD_TEST_TEXT_ONLY") == "1":  # the second micro-batch: no image
-        micro[1] = make_host_batch(student, tokenizer, n=3, seed=8, text_only_rows=(0, 1, 2))
+        micro[1] = _text_only_micro_batch(family, student, tokenizer)
     accumulation = 2 if world_micro_batches == "accumulate" else 1
     steps = 3 if world_micro_batches == "split-3-steps" else 1
     checkpointing = os.environ.get("SWITCHKD_TEST_TEACHER_CHECKPOINTING") == "1"
@@ -75,6 +100,8 @@ def main(
         "use_cpu": not on_gpu,
         "max_steps": steps,
     }
+    if not find_unused:  # as the HF Trainer picks with gradient checkpointing on
+        training["ddp_find_unused_parameters"] = False
     if deepspeed:
         training["deepspeed"] = deepspeed
     # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.

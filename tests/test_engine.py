@@ -375,3 +375,72 @@ def test_trainer_trains_on_text_only_batches(hf_student, hf_teacher, tiny_tokeni
     assert 0 < mixed["vsd_tokens"] < mixed["distilled_tokens"] and mixed["vsd"] > 0
     assert images["vsd_tokens"] == images["distilled_tokens"]
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in trainer.state.log_history[:3])
+
+
+# ------------------------------------------------------- text-only micro-batches on several ranks
+
+
+def assert_placeholder_goes_through(*adapters: VLMAdapter) -> None:
+    """Each adapter's `placeholder_images` (one blank image in its host's layout) goes through
+    its `vision_features` and `project`, and through the next adapter's `project` (the
+    switch). Their values are checked through the engine (`0 * NaN` would change the loss)."""
+    features = [adapter.vision_features(adapter.placeholder_images()) for adapter in adapters]
+    for adapter, own, other in zip(adapters, features, features[1:] + features[:1], strict=True):
+        assert own is not None
+        assert adapter.project(own) is not None and adapter.project(other) is not None
+
+
+def assert_text_only_rank_runs_the_image_ranks_calls(
+    student: nn.Module, teacher: nn.Module, vocab: int, text_batch: dict, image_batch: dict
+) -> None:
+    """A text-only micro-batch on one of several ranks (simulated: `agree_chunks` is the
+    all-reduce max with a rank that has images) calls each vision encoder and connector as
+    often as an image micro-batch does (the teacher's connector in the switch pass too), its
+    backward reaches every student connector parameter (a zero gradient), and its terms and
+    gradients are the one-rank run's."""
+    assert "pixel_values" not in text_batch
+    args = _args(w_align=0.5, w_vsd=2.0)
+    pair = adapter_for(student), adapter_for(teacher)
+    one_rank = SwitchKDEngine(*pair, args, vocab, run_switch=True)
+    ranks = SwitchKDEngine(*pair, args, vocab, run_switch=True, agree_chunks=lambda n: max(n, 1))
+    assert_placeholder_goes_through(*pair)
+    modules = [module for adapter in pair for module in (adapter.vision_module, adapter.connector)]
+    calls = dict.fromkeys(range(len(modules)), 0)
+    hooks = [
+        module.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, module in enumerate(modules)
+    ]
+    try:
+        runs = []
+        for engine, batch in ((ranks, image_batch), (ranks, text_batch), (one_rank, text_batch)):
+            calls.update(dict.fromkeys(calls, 0))
+            student.zero_grad()
+            terms = engine(batch)
+            terms.loss.backward()
+            reached = [p.grad is not None for p in pair[0].connector.parameters()]
+            runs.append((dict(calls), terms, _grads(student), all(reached)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    (image_calls, *_), (text_calls, terms, grads, reached), (_, expected, expected_grads, _) = runs
+    assert text_calls == image_calls and min(image_calls.values()) > 0, (text_calls, image_calls)
+    assert reached, "backward did not reach every student connector parameter"
+    rows = terms.response_tokens
+    for name in ("loss", "ce", "align", "vsd"):
+        assert_close(getattr(terms, name), getattr(expected, name), terms=rows, name=name)
+    assert_same_gradients(grads, expected_grads, terms=text_batch["input_ids"].numel())
+
+
+def test_placeholder_image_goes_through_both_hosts(models):
+    """HF LLaVA and TinyLLaVA (whose Factory batches never need it: each sample has an image)."""
+    assert_placeholder_goes_through(*(adapter_for(model) for model in models))
+
+
+def test_text_only_rank_runs_the_image_ranks_vision_calls(hf_student, hf_teacher, tiny_tokenizer):
+    """HF LLaVA: see `assert_text_only_rank_runs_the_image_ranks_calls`."""
+    student = copy.deepcopy(hf_student).train()
+    text = make_host_batch(student, tiny_tokenizer, n=3, seed=4, text_only_rows=(0, 1, 2))
+    images = make_host_batch(student, tiny_tokenizer, n=3, seed=4)
+    assert_text_only_rank_runs_the_image_ranks_calls(
+        student, hf_teacher, len(tiny_tokenizer), text, images
+    )

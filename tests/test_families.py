@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tensor_close import assert_close, assert_same_gradients
+from test_engine import assert_text_only_rank_runs_the_image_ranks_calls
 from test_trainer import _trainer, assert_same_step
 from test_trainer_dp import HAS_DEEPSPEED, _run
 from torch import Tensor, nn
@@ -145,6 +146,16 @@ def test_text_only_batch_is_the_hosts_with_no_switch_pass(family: str) -> None:
     assert "vsd" not in terms.k_stats
     assert_close(terms.ce, host.loss * rows, terms=rows, name="ce vs the host's loss")
     terms.loss.backward()
+
+
+def test_text_only_rank_runs_the_image_ranks_vision_calls(family: str) -> None:
+    """On several ranks a text-only micro-batch runs the family's placeholder image through both
+    models' vision encoders and connectors, changing nothing (see the helper)."""
+    student, teacher = _pair(family)
+    tokenizer = _tokenizer(family)
+    text = make_family_batch(family, student, tokenizer, n=3, seed=2, text_only=True)
+    images = make_family_batch(family, student, tokenizer, n=3, seed=2)
+    assert_text_only_rank_runs_the_image_ranks_calls(student, teacher, len(tokenizer), text, images)
 
 
 def _transplant(model: nn.Module, ours: nn.Module, theirs: nn.Module) -> None:

@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 from tensor_close import assert_close, assert_same_gradients
-from test_engine import assert_sum_of_samples_alone
+from test_engine import (
+    assert_sum_of_samples_alone,
+    assert_text_only_rank_runs_the_image_ranks_calls,
+)
 from test_trainer import _trainer, assert_same_step
 from test_trainer_dp import HAS_DEEPSPEED, OLD_ZERO3, _run
 from torch import Tensor, nn
@@ -272,6 +275,15 @@ def test_text_only_samples_equal_the_per_sample_reference(pair, tokenizer, text_
         )
     finally:
         hook.remove()
+
+
+def test_text_only_rank_runs_the_image_ranks_vision_calls(pair, tokenizer):
+    """On several ranks a text-only micro-batch runs the smallest-grid placeholder image
+    through both models' ViTs and mergers (Qwen3-VL: deepstack mergers too), changing nothing."""
+    student, teacher = pair
+    text = qwen.make_qwen_vl_batch(tokenizer, n=3, seed=3, text_only_rows=(0, 1, 2))
+    images = qwen.make_qwen_vl_batch(tokenizer, n=3, seed=3)
+    assert_text_only_rank_runs_the_image_ranks_calls(student, teacher, len(tokenizer), text, images)
 
 
 def test_vsd_step_moves_only_the_student_vit_and_never_the_teacher(pair, tokenizer, tmp_path):

@@ -54,10 +54,12 @@ def _run(
     family: str = "hf_llava",
     teacher_checkpointing: bool = False,
     text_only: bool = False,
+    find_unused: bool = True,
 ) -> dict[str, torch.Tensor] | str:
     """The student's weights after one step of `_dp_worker.py` (`family`: hf_llava, qwen2_5_vl,
-    qwen3_vl); on DeepSpeed < 0.15.4 under ZeRO-3, the run's output, which must hold the
-    trainer's refusal."""
+    qwen3_vl; `text_only`: the second micro-batch has no image; `find_unused` False: DDP's
+    find_unused_parameters off, the parameters the host never uses frozen); on DeepSpeed <
+    0.15.4 under ZeRO-3, the run's output, which must hold the trainer's refusal."""
     out = tmp_path / f"{processes}-ranks-zero{stage}-{teacher_zero3}"
     out.mkdir(parents=True)
     mode = mode or ("split" if processes > 1 else "accumulate")
@@ -66,6 +68,7 @@ def _run(
     env["SWITCHKD_TEST_FAMILY"] = family
     env["SWITCHKD_TEST_TEACHER_CHECKPOINTING"] = str(int(teacher_checkpointing))
     env["SWITCHKD_TEST_TEXT_ONLY"] = str(int(text_only))
+    env["SWITCHKD_TEST_FIND_UNUSED"] = str(int(find_unused))
     if stage is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(NO_SHM), os.environ.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -105,10 +108,13 @@ def test_layouts_take_the_same_step(tmp_path, reference, processes, stage, teach
     assert_same_step(after, reference, _initial_weights())
 
 
-def _initial_weights() -> dict[str, torch.Tensor]:
-    from switchkd_plugin.testing import build_hf_llava, build_tokenizer, student_spec
+def _initial_weights(family: str = "hf_llava") -> dict[str, torch.Tensor]:
+    from switchkd_plugin.testing import build_hf_llava, build_tokenizer, qwen_vl, student_spec
 
-    return build_hf_llava(student_spec(), build_tokenizer()).state_dict()
+    if family == "hf_llava":
+        return build_hf_llava(student_spec(), build_tokenizer()).state_dict()
+    tokenizer = qwen_vl.build_qwen_vl_tokenizer()
+    return qwen_vl.build_qwen_vl(family, student_spec(), tokenizer).state_dict()
 
 
 def test_sharded_teacher_runs_one_prefetchable_trace_per_step(tmp_path):
@@ -124,11 +130,29 @@ def test_sharded_teacher_runs_one_prefetchable_trace_per_step(tmp_path):
     assert trace == "complete", trace
 
 
-def test_a_text_only_rank_takes_the_one_rank_step(tmp_path):
-    """HF LLaVA, DDP over 2 ranks: one rank's micro-batch is text-only (no pixel_values), the
-    other's has images and runs the switch pass. The ranks agree that it runs (the text-only
-    rank runs it on one sample, distilling nothing) and the step equals 1 rank accumulating
+TEXT_ONLY_LAYOUTS = {  # id: (family, DeepSpeed stage, DDP's find_unused_parameters)
+    "ddp": ("hf_llava", None, True),
+    "ddp-no-unused": ("hf_llava", None, False),
+    "zero3": ("hf_llava", 3, True),
+    "zero3-qwen2_5_vl": ("qwen2_5_vl", 3, True),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(TEXT_ONLY_LAYOUTS))
+def test_a_text_only_rank_takes_the_one_rank_step(tmp_path, layout):
+    """2 ranks: one rank's micro-batch is text-only (no pixel_values), the other's has images
+    and runs the switch pass. The ranks agree that it runs (the text-only rank runs it on one
+    sample, distilling nothing), and the text-only rank runs both vision encoders and
+    connectors on a placeholder image tied in with weight 0, so that the ranks make the same
+    module calls: ZeRO-3 (the teacher sharded) gathers alike instead of deadlocking, DDP
+    without find_unused_parameters reduces every gradient. The step equals 1 rank accumulating
     both micro-batches."""
-    reference = _run(tmp_path / "one", 1, None, text_only=True)
-    after = _run(tmp_path / "two", 2, None, text_only=True)
-    assert_same_step(after, reference, _initial_weights())
+    family, stage, find_unused = TEXT_ONLY_LAYOUTS[layout]
+    if stage is not None and (not HAS_DEEPSPEED or OLD_ZERO3):
+        pytest.skip("needs deepspeed >= 0.15.4 (pip install -e '.[deepspeed]')")
+    if family != "hf_llava" and not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen2.5-VL")
+    options = dict(family=family, text_only=True, find_unused=find_unused)
+    reference = _run(tmp_path / "one", 1, None, **options)
+    after = _run(tmp_path / "two", 2, stage, **options)
+    assert_same_step(after, reference, _initial_weights(family))

@@ -21,6 +21,9 @@ What the engine calls (nothing else, so no host key or family name lives in the 
   ``MultimodalInputs``; decoder extras go in ``MultimodalInputs.decoder_kwargs``. The embeddings
   may come from the other model (the switch), in another dtype: they are cast here.
 - ``decode(inputs)``: the decoder to final-norm hidden states [B, S, H]; ``lm_head`` [V, H].
+- ``placeholder_images()``: the image inputs of one blank image in the host's layout, for
+  ``vision_features``: on several ranks a micro-batch without images runs it, so that every
+  rank calls the vision encoder and connector alike (the engine ties it in with weight 0).
 
 Before the first step, the trainer compares ``switch_fields`` of student and teacher (config
 values the switch needs equal, e.g. depth, patch and merge size) and the widths.
@@ -33,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from switchkd_plugin.adapters.splice import MultimodalInputs, SpliceRules, splice_image_features
@@ -190,6 +194,24 @@ class VLMAdapter(ABC):
         (text only: the host's forward makes no vision call either)."""
         images = batch.get(self.images_key)
         return None if images is None else self.encode_vision(images)
+
+    def placeholder_images(self) -> dict[str, Tensor]:
+        """The image inputs of one blank image as the host's processor lays them out (only the
+        image keys: ``vision_features`` takes them as a batch). By default ``images_key``: zeros
+        [1, 3, S, S], S the vision config's ``image_size``."""
+        height, width = self._image_size
+        return {self.images_key: self._blank(1, 3, height, width)}
+
+    @property
+    def _image_size(self) -> tuple[int, int]:
+        """(height, width) of the vision encoder's input images (``vision_config.image_size``)."""
+        size = self.model.config.vision_config.image_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def _blank(self, *shape: int) -> Tensor:
+        """Zeros of ``shape`` on the vision encoder's device, in its dtype."""
+        weight = next(self.vision_module.parameters())
+        return torch.zeros(shape, device=weight.device, dtype=weight.dtype)
 
     def pathway_inputs(self, batch: dict, image_embeds: ImageEmbeds | None) -> MultimodalInputs:
         """The decoder inputs of one pathway: this model's text embeddings of the batch with

@@ -77,6 +77,15 @@ class LlavaOnevisionAdapter(LlavaFeatureWidths, ScatteredImageTokensAdapter):
             for size, should_split in zip(image_sizes, split, strict=True)
         ]
 
+    def placeholder_images(self) -> dict[str, Tensor]:
+        """One blank S x S image (S the tower's input size): its crops [1, n, 3, S, S] (n as the
+        host counts them for that size) and ``image_sizes`` [[S, S]]."""
+        height, width = self._image_size
+        sizes = torch.tensor([[height, width]])
+        crops = self._crops_per_image({"image_sizes": sizes})[0]
+        pixel_values = self._blank(1, crops, 3, height, width)
+        return {"pixel_values": pixel_values, "image_sizes": sizes.to(pixel_values.device)}
+
     def encode_vision(self, images: Tensor) -> Tensor:
         """Crops [N, 3, s, s] -> [N, P, Dv]: hidden states of ``vision_feature_layer`` (several
         layers concatenated), the first token dropped for the ``default`` strategy."""

@@ -172,6 +172,16 @@ class _QwenVLAdapter(VLMAdapter):
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
         return self._run_vit(visual, pixel_values, grid_thw.to(weight.device))
 
+    def placeholder_images(self) -> dict[str, Tensor]:
+        """One blank image of the smallest grid, [1, m, m] patches (m = spatial_merge_size: one
+        merged token): m² rows of C·T·p² zeros, as the processor flattens patches."""
+        config = self._vision_config
+        side = config.spatial_merge_size
+        width = config.in_channels * config.temporal_patch_size * config.patch_size**2
+        pixel_values = self._blank(side * side, width)
+        grid = torch.tensor([[1, side, side]], device=pixel_values.device)
+        return {"pixel_values": pixel_values, "image_grid_thw": grid}
+
     @abstractmethod
     def _run_vit(
         self, visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor

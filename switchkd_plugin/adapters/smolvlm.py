@@ -51,6 +51,14 @@ class SmolVLMAdapter(ScatteredImageTokensAdapter):
             )
         return fields
 
+    def placeholder_images(self) -> dict[str, Tensor]:
+        """One blank image in one slot, [1, 1, 3, S, S], every pixel valid (an all-zero image
+        is padding to the host, but the only one is kept)."""
+        height, width = self._image_size
+        pixel_values = self._blank(1, 1, 3, height, width)
+        mask = torch.ones(1, 1, height, width, dtype=torch.bool, device=pixel_values.device)
+        return {"pixel_values": pixel_values, "pixel_attention_mask": mask}
+
     def encode_vision(self, images: Tensor, patch_attention_mask: Tensor | None = None) -> Tensor:
         """Images [N, 3, s, s] (and their patch mask [N, s/p, s/p], None = all patches) ->
         the vision transformer's last hidden state [N, P, Dv]."""
