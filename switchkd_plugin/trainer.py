@@ -42,7 +42,12 @@ from .nonfinite import (
     non_finite_parameters,
     zero_gradient_loss,
 )
-from .resume import check_resume_settings, numpy_rng_state_loadable, restore_model
+from .resume import (
+    check_resume_settings,
+    numpy_rng_state_loadable,
+    restore_model,
+    save_switchkd_settings,
+)
 from .teacher import freeze, is_lora_checkpoint, load_teacher, lora_base_path, teacher_dtype
 from .teacher_calls import ShardedTeacherCalls, chunk_safe_when_sharded, shard_teacher
 
@@ -387,6 +392,14 @@ class SwitchKDTrainerMixin:
         if own_model and restore_model(self.model, resume_from_checkpoint):
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The host's save, plus the Switch-KD settings as JSON (`switchkd_config.json`), which
+        resuming compares. Every checkpoint goes through here (`_save_checkpoint` calls it on
+        every rank, DeepSpeed included, on 4.40 to 5.x); the process that writes writes it."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            save_switchkd_settings(output_dir or self.args.output_dir, self.switchkd_args)
 
     def _load_rng_state(self, checkpoint) -> None:
         with numpy_rng_state_loadable():  # transformers < 4.47 on torch >= 2.6
