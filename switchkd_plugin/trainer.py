@@ -36,6 +36,7 @@ from .engine import IGNORE_INDEX, StepTerms, SwitchKDEngine
 from .layer_checkpoint import swapped_forward
 from .loss_scale import BackwardRouter
 from .nonfinite import (
+    WindowStepGate,
     any_non_finite,
     describe,
     locate_non_finite,
@@ -205,6 +206,7 @@ class SwitchKDTrainerMixin:
         self._eval_log = _TermLog()
         self._backward: BackwardRouter | None = None
         self._nonfinite_in_a_row = self._nonfinite_skipped = 0
+        self._step_gate = WindowStepGate()
         if self.switchkd_args.distill == "switchkd":
             self._check_layout()
             self._engine = self._build_engine(teacher_model, teacher_tokenizer)
@@ -480,6 +482,11 @@ class SwitchKDTrainerMixin:
         loss = super().training_step(*args, **kwargs)
         if self._backward is not None:  # before any optimizer step: refuse, never train wrong
             self._backward.check_consumed()
+        if self._engine is not None and self.switchkd_args.nonfinite == "skip":
+            # Here: the optimizer is the accelerate-wrapped one by now, on every release.
+            self._step_gate.attach(
+                self.optimizer, lambda: self.state.global_step, self.is_deepspeed_enabled
+            )
         return loss
 
     def _skip_if_non_finite(self, model, batch: dict, terms: StepTerms) -> Tensor | None:
@@ -494,13 +501,15 @@ class SwitchKDTrainerMixin:
             flag = self.accelerator.reduce(flag, reduction="sum")
         if not flag.item():
             self._nonfinite_in_a_row = 0
+            self._step_gate.count(skipped=False)
             return None
         args, student = self.switchkd_args, self._unwrap(model)
         self._nonfinite_in_a_row += 1
         if args.nonfinite == "skip" and self._nonfinite_in_a_row < args.nonfinite_max_in_a_row:
             self._nonfinite_skipped += 1
+            self._step_gate.count(skipped=True)
             logger.warning(
-                "Switch-KD: %s; skipping this micro-batch (%d in a row)",
+                "%s; skipping this micro-batch (%d in a row)",  # `describe` names Switch-KD
                 describe(terms, [], [], self.state.global_step).rstrip("."),
                 self._nonfinite_in_a_row,
             )
@@ -526,7 +535,8 @@ class SwitchKDTrainerMixin:
             logs.update(self._term_log.pop(self._sum_over_ranks))  # every rank logs: collective
             if self._engine is not None and self.switchkd_args.nonfinite == "skip":
                 logs["nonfinite_skipped"] = self._nonfinite_skipped
-                self._nonfinite_skipped = 0
+                logs["nonfinite_skipped_steps"] = self._step_gate.skipped_steps
+                self._nonfinite_skipped = self._step_gate.skipped_steps = 0
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(
