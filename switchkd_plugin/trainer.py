@@ -195,8 +195,13 @@ class SwitchKDTrainerMixin:
     ) -> None:
         if peft_config is not None:
             args, kwargs = _with_peft_student(args, kwargs, peft_config)
+        training_args = args[1] if len(args) > 1 else kwargs.get("args")
+        settings = _settings(training_args, switchkd_args)
+        if settings.distill == "switchkd" and _fsdp_requested(training_args):
+            # Before the host, which refuses --fsdp on one process without naming a way out.
+            raise _fsdp_refusal()
         super().__init__(*args, **kwargs)
-        self.switchkd_args = _settings(self.args, switchkd_args)
+        self.switchkd_args = settings
         self.teacher: nn.Module | None = None
         self._engine: SwitchKDEngine | None = None
         self._teacher_engine = None  # the DeepSpeed engine sharding the teacher under ZeRO-3
@@ -237,6 +242,14 @@ class SwitchKDTrainerMixin:
                 f"Switch-KD does not run under nn.DataParallel ({self.args.n_gpu} GPUs in one "
                 "process): launch one process per GPU with `torchrun --nproc_per_node N` or the "
                 "`deepspeed` launcher (or set CUDA_VISIBLE_DEVICES to one GPU)"
+            )
+        if getattr(self, "is_fsdp_enabled", False):  # e.g. an accelerate config's FSDP plugin
+            raise _fsdp_refusal()
+        if self.args.torch_compile:
+            logger.warning(
+                "Switch-KD: --torch_compile has no effect: the Trainer compiles the student's "
+                "forward, but Switch-KD's engine calls the student's modules (vision tower, "
+                "connector, decoder, lm_head) directly, so nothing it runs is compiled"
             )
         if self.switchkd_args.teacher_zero3 == "replicate" and not _zero3():
             raise ValueError(
@@ -578,6 +591,22 @@ def _settings(
             )
         return SwitchKDArguments(**{name: getattr(args, name) for name in SWITCHKD_FIELDS})
     return switchkd_args or SwitchKDArguments()
+
+
+def _fsdp_requested(args: transformers.TrainingArguments | None) -> bool:
+    """--fsdp (a list on 4.x, True on 5.x), or FSDP asked of accelerate (`accelerate launch`'s
+    FSDP config exports ACCELERATE_USE_FSDP)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return bool(getattr(args, "fsdp", None)) or parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def _fsdp_refusal() -> ValueError:
+    return ValueError(
+        "Switch-KD does not support FSDP yet (--fsdp, or accelerate's FSDP plugin): its engine "
+        "calls the student's modules outside FSDP's wrapped forward. Shard with DeepSpeed ZeRO-3 "
+        "instead, the tested sharding (--deepspeed configs/zero3.json), or train with ZeRO-2 / DDP"
+    )
 
 
 def _with_peft_student(args: tuple, kwargs: dict, peft_config) -> tuple[tuple, dict]:
