@@ -22,6 +22,7 @@ import transformers
 from packaging.version import Version
 from test_trainer import assert_same_step
 
+from switchkd_plugin.resume import SETTINGS_FILE
 from switchkd_plugin.trainer import ZERO3_EVAL_BACKWARD_DEEPSPEED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,7 @@ def _run(
         assert result.returncode != 0 and f"deepspeed>={ZERO3_EVAL_BACKWARD_DEEPSPEED}" in log, log
         return log
     assert result.returncode == 0, log
+    assert (out / SETTINGS_FILE).is_file(), f"the writing rank saved no Switch-KD settings\n{log}"
     model_class = transformers.AutoConfig.from_pretrained(str(out)).architectures[0]
     return getattr(transformers, model_class).from_pretrained(str(out)).state_dict()
 
