@@ -39,15 +39,32 @@ def any_non_finite(terms: StepTerms) -> Tensor:
     return (~torch.isfinite(values)).any().float()
 
 
-def zero_gradient_loss(model: nn.Module) -> Tensor:
-    """A loss whose gradient is exactly zero for every trainable parameter.
+def zero_gradient_loss(model: nn.Module, loss: Tensor) -> Tensor:
+    """A loss whose gradient is exactly zero for every trainable parameter that `loss` reaches.
 
     The skipped micro-batch's graph cannot be scaled to zero (NaN * 0 = NaN flows back through
-    every NaN activation), so this builds a new one from the parameters alone; every parameter
-    still gets a gradient, so DDP's reducer and the accumulation window run as usual.
+    every NaN activation), so this builds a new one from those parameters alone. Exactly those:
+    DDP's reducer (with find_unused_parameters) has marked the ones `loss` does not reach as
+    unused, and a gradient for one of them fails the backward; and they keep no gradient, as
+    after a finite micro-batch, so weight decay does not touch them either.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    reached = _leaves_reached(loss)
+    params = [p for p in model.parameters() if p.requires_grad and id(p) in reached]
     return torch.stack([p.sum().float() for p in params]).sum() * 0.0
+
+
+def _leaves_reached(loss: Tensor) -> set[int]:
+    """The ids of the leaf tensors `loss`'s autograd graph accumulates gradients into."""
+    leaves, seen, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf
+            leaves.add(id(node.variable))
+        stack.extend(child for child, _ in node.next_functions)
+    return leaves
 
 
 def _finite(tensor: Tensor) -> bool:

@@ -526,7 +526,7 @@ class SwitchKDTrainerMixin:
                 describe(terms, [], [], self.state.global_step).rstrip("."),
                 self._nonfinite_in_a_row,
             )
-            return zero_gradient_loss(student)
+            return zero_gradient_loss(student, terms.loss)
         own = bool(any_non_finite(terms).item())
         found = locate_non_finite(self._engine, batch)  # on every rank: collectives in step
         message = describe(

@@ -2,11 +2,13 @@
 
 Every rank builds the same tiny student and teacher, takes its share of two micro-batches (the
 first without any response token), and trains one SGD step (3 in mode split-3-steps); rank 0
-saves the weights.
+saves the weights. Mode split-nan: the second micro-batch's image holds a NaN, and the step is
+AdamW with weight decay under --nonfinite skip; rank 0 also saves the log history.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -14,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.testing import (
     build_hf_llava,
     build_tokenizer,
@@ -65,6 +68,7 @@ def main(
     micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
     accumulation = 2 if world_micro_batches == "accumulate" else 1
     steps = 3 if world_micro_batches == "split-3-steps" else 1
+    nan = world_micro_batches == "split-nan"
     checkpointing = os.environ.get("SWITCHKD_TEST_TEACHER_CHECKPOINTING") == "1"
     on_gpu = os.environ.get("SWITCHKD_DEVICE") == "cuda"  # benchmarks/gpu_check.py
     training = {
@@ -75,11 +79,17 @@ def main(
     }
     if deepspeed:
         training["deepspeed"] = deepspeed
+    switchkd = {}
+    if nan:  # a zero gradient would still move AdamW's weights: the step must not happen
+        images = micro[1][adapter_for(student).images_key]
+        images.view(-1)[0] = float("nan")
+        training.update(optim="adamw_torch", weight_decay=0.1, learning_rate=1e-2)
+        switchkd["nonfinite"] = "skip"
     # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.
     # The ranks' micro-batches need different chunk counts: they agree on the larger one.
     trainer = _trainer(student, tokenizer, micro * steps, out_dir, teacher=teacher,
                        training=training, lm_head_chunk_size=16, teacher_zero3=teacher_zero3,
-                       teacher_gradient_checkpointing=checkpointing)  # fmt: skip
+                       teacher_gradient_checkpointing=checkpointing, **switchkd)  # fmt: skip
     assert trainer.is_deepspeed_enabled == bool(deepspeed)
     trainer.train()
     if trainer._teacher_engine is not None and trainer.args.process_index == 0:
@@ -88,6 +98,9 @@ def main(
         with open(os.path.join(out_dir, "teacher_trace.txt"), "w") as file:
             file.write("complete" if coordinator.is_complete_trace() else "not complete")
     trainer.save_model(out_dir)  # gathers ZeRO-3 shards on rank 0
+    if nan and trainer.args.process_index == 0:
+        with open(os.path.join(out_dir, "log_history.json"), "w") as file:
+            json.dump(trainer.state.log_history, file)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -122,3 +122,21 @@ def test_sharded_teacher_runs_one_prefetchable_trace_per_step(tmp_path):
     _run(tmp_path, 2, 3, mode="split-3-steps", teacher_checkpointing=True)
     trace = (tmp_path / "2-ranks-zero3-shard" / "teacher_trace.txt").read_text()
     assert trace == "complete", trace
+
+
+@pytest.mark.parametrize("stage", [None, 2], ids=["ddp-2", "zero2-2"])
+def test_a_window_skipped_on_one_rank_makes_no_step_on_any(tmp_path, stage):
+    """One rank's micro-batch is NaN: both skip (the decision is all-reduced), and the window,
+    all skipped, makes no AdamW step under DDP. Under ZeRO-2 DeepSpeed's engine steps inside
+    backward, out of the trainer's reach: the zero-gradient step is applied (documented)."""
+    if stage is not None and not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
+    after = _run(tmp_path, 2, stage, mode="split-nan")
+    out = next(tmp_path.glob("2-ranks-*"))
+    logs = json.loads((out / "log_history.json").read_text())
+    (log,) = [entry for entry in logs if "nonfinite_skipped" in entry]
+    assert log["nonfinite_skipped"] == 1
+    before = _initial_weights()
+    unchanged = all(torch.equal(after[name], value) for name, value in before.items())
+    expected = (1, True) if stage is None else (0, False)
+    assert (log["nonfinite_skipped_steps"], unchanged) == expected
