@@ -39,17 +39,20 @@ def any_non_finite(terms: StepTerms) -> Tensor:
     return (~torch.isfinite(values)).any().float()
 
 
-def zero_gradient_loss(model: nn.Module, loss: Tensor) -> Tensor:
-    """A loss whose gradient is exactly zero for every trainable parameter that `loss` reaches.
+def zero_gradient_loss(model: nn.Module, reached_from: Tensor | None) -> Tensor:
+    """A loss whose gradient is exactly zero for every trainable parameter that `reached_from`
+    reaches (None: for every trainable parameter).
 
     The skipped micro-batch's graph cannot be scaled to zero (NaN * 0 = NaN flows back through
-    every NaN activation), so this builds a new one from those parameters alone. Exactly those:
-    DDP's reducer (with find_unused_parameters) has marked the ones `loss` does not reach as
-    unused, and a gradient for one of them fails the backward; and they keep no gradient, as
-    after a finite micro-batch, so weight decay does not touch them either.
+    every NaN activation), so this builds a new one from the parameters alone. Which ones is
+    DDP's to say: with `find_unused_parameters` its reducer has marked those the loss does not
+    reach as unused, and a gradient for one of them fails the backward (they keep none, as after
+    a finite micro-batch); without it, it waits for a gradient of every parameter.
     """
-    reached = _leaves_reached(loss)
-    params = [p for p in model.parameters() if p.requires_grad and id(p) in reached]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if reached_from is not None:
+        reached = _leaves_reached(reached_from)
+        params = [p for p in params if id(p) in reached]
     return torch.stack([p.sum().float() for p in params]).sum() * 0.0
 
 

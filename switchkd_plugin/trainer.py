@@ -526,7 +526,10 @@ class SwitchKDTrainerMixin:
                 describe(terms, [], [], self.state.global_step).rstrip("."),
                 self._nonfinite_in_a_row,
             )
-            return zero_gradient_loss(student, terms.loss)
+            # DDP without find_unused_parameters (e.g. with gradient checkpointing) waits for a
+            # gradient of every parameter; anywhere else, those the loss reaches get one.
+            every = not getattr(model, "find_unused_parameters", True)
+            return zero_gradient_loss(student, None if every else terms.loss)
         own = bool(any_non_finite(terms).item())
         found = locate_non_finite(self._engine, batch)  # on every rank: collectives in step
         message = describe(

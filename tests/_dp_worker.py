@@ -2,8 +2,7 @@
 
 Every rank builds the same tiny student and teacher, takes its share of two micro-batches (the
 first without any response token), and trains one SGD step (3 in mode split-3-steps); rank 0
-saves the weights. Mode split-nan: the second micro-batch's image holds a NaN, and the step is
-AdamW with weight decay under --nonfinite skip; rank 0 also saves the log history.
+saves the weights. Modes split-nan[-checkpointed] and split-adamw: see `_skipped_window`.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from switchkd_plugin.testing import (
 )
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_trainer import _split, _trainer
+from test_trainer import InOrder, _split, _trainer
 
 
 def _models_and_micro_batches(family: str):
@@ -57,6 +56,23 @@ def _models_and_micro_batches(family: str):
     return tokenizer, student, teacher.requires_grad_(False).eval(), micro
 
 
+def _skipped_window(mode: str, student, micro: list[dict], training: dict):
+    """(batches, trainer options) of AdamW with weight decay under --nonfinite skip, batches in
+    order (one micro-batch per rank a step). split-nan: a first step whose second micro-batch
+    has a NaN image (both ranks skip it: no step), then the clean step; split-adamw: the clean
+    step alone, what split-nan must equal. A -checkpointed mode checkpoints the student's
+    layers, under which the Trainer's DDP waits for a gradient of every parameter."""
+    training.update(optim="adamw_torch", weight_decay=0.1, learning_rate=1e-2)
+    training["gradient_checkpointing"] = mode.endswith("-checkpointed")
+    options = {"nonfinite": "skip", "trainer_class": InOrder}
+    if mode.startswith("split-adamw"):
+        return micro, options
+    poisoned = {key: value.clone() for key, value in micro[1].items()}
+    poisoned[adapter_for(student).images_key].view(-1)[0] = float("nan")
+    training["max_steps"] = 2
+    return [micro[0], poisoned, *micro], options
+
+
 def main(
     out_dir: str, world_micro_batches: str, deepspeed: str = "", teacher_zero3: str = "shard"
 ) -> None:
@@ -68,7 +84,6 @@ def main(
     micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
     accumulation = 2 if world_micro_batches == "accumulate" else 1
     steps = 3 if world_micro_batches == "split-3-steps" else 1
-    nan = world_micro_batches == "split-nan"
     checkpointing = os.environ.get("SWITCHKD_TEST_TEACHER_CHECKPOINTING") == "1"
     on_gpu = os.environ.get("SWITCHKD_DEVICE") == "cuda"  # benchmarks/gpu_check.py
     training = {
@@ -79,17 +94,15 @@ def main(
     }
     if deepspeed:
         training["deepspeed"] = deepspeed
-    switchkd = {}
-    if nan:  # a zero gradient would still move AdamW's weights: the step must not happen
-        images = micro[1][adapter_for(student).images_key]
-        images.view(-1)[0] = float("nan")
-        training.update(optim="adamw_torch", weight_decay=0.1, learning_rate=1e-2)
-        switchkd["nonfinite"] = "skip"
+    batches, options = micro * steps, {}
+    skipping = world_micro_batches.startswith(("split-nan", "split-adamw"))
+    if skipping:
+        batches, options = _skipped_window(world_micro_batches, student, micro, training)
     # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.
     # The ranks' micro-batches need different chunk counts: they agree on the larger one.
-    trainer = _trainer(student, tokenizer, micro * steps, out_dir, teacher=teacher,
+    trainer = _trainer(student, tokenizer, batches, out_dir, teacher=teacher,
                        training=training, lm_head_chunk_size=16, teacher_zero3=teacher_zero3,
-                       teacher_gradient_checkpointing=checkpointing, **switchkd)  # fmt: skip
+                       teacher_gradient_checkpointing=checkpointing, **options)  # fmt: skip
     assert trainer.is_deepspeed_enabled == bool(deepspeed)
     trainer.train()
     if trainer._teacher_engine is not None and trainer.args.process_index == 0:
@@ -98,7 +111,7 @@ def main(
         with open(os.path.join(out_dir, "teacher_trace.txt"), "w") as file:
             file.write("complete" if coordinator.is_complete_trace() else "not complete")
     trainer.save_model(out_dir)  # gathers ZeRO-3 shards on rank 0
-    if nan and trainer.args.process_index == 0:
+    if skipping and trainer.args.process_index == 0:
         with open(os.path.join(out_dir, "log_history.json"), "w") as file:
             json.dump(trainer.state.log_history, file)
     if torch.distributed.is_initialized():

@@ -9,12 +9,10 @@ import logging
 import pytest
 import torch
 import transformers
-from test_trainer import _trainer
-from torch.utils.data import SequentialSampler
+from test_trainer import InOrder, _trainer
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.testing import IGNORE_INDEX, make_host_batch
-from switchkd_plugin.trainer import SwitchKDTrainer
 
 
 def _poisoned(student, tokenizer, seed: int) -> dict:
@@ -102,13 +100,6 @@ def test_skip_stops_after_the_given_number_in_a_row(hf_student, tiny_tokenizer, 
     _same_weights(trainer.model, hf_student)  # SGD on zero gradients moves nothing
 
 
-class _InOrder(SwitchKDTrainer):
-    """Micro-batches in dataset order, so that each accumulation window is the one built."""
-
-    def _get_train_sampler(self, *args, **kwargs):
-        return SequentialSampler(self.train_dataset)
-
-
 class _AfterEachStep(transformers.TrainerCallback):
     """Weights, optimizer state and learning rate after each of the Trainer's steps."""
 
@@ -139,7 +130,7 @@ def test_a_window_of_skipped_micro_batches_makes_no_adamw_step(
     batches = [good[0], good[1], nan[0], nan[1], nan[2], good[2]]
     trainer = _trainer(
         copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path, w_align=0.0, w_vsd=0.0,
-        trainer_class=_InOrder, nonfinite="skip", training={
+        trainer_class=InOrder, nonfinite="skip", training={
             "max_steps": 3, "gradient_accumulation_steps": 2, "optim": "adamw_torch",
             "weight_decay": 0.1, "learning_rate": 1e-2, "lr_scheduler_type": "linear",
         },

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from tensor_close import assert_close, parameter_scale
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, SequentialSampler
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.config import SwitchKDArguments
@@ -43,6 +43,14 @@ class _Batches(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {key: value.clone() for key, value in self.batches[index].items()}
+
+
+class InOrder(SwitchKDTrainer):
+    """Micro-batches in dataset order (split over ranks in turn): each accumulation window, and
+    each step's share of the ranks, is the one a test built."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
 
 
 def _only(items: list[dict]) -> dict:
