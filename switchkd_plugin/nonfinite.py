@@ -7,12 +7,16 @@ rank stops or skips together and their collectives stay in step.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .engine import ResponseRows, StepTerms, SwitchKDEngine
+
+logger = logging.getLogger(__name__)
 
 # The logits each term compares: what to look at when it is not finite.
 TERM_SIDES = {"ce": "student", "align": "student vs teacher", "vsd": "switch vs teacher"}
@@ -35,15 +39,35 @@ def any_non_finite(terms: StepTerms) -> Tensor:
     return (~torch.isfinite(values)).any().float()
 
 
-def zero_gradient_loss(model: nn.Module) -> Tensor:
-    """A loss whose gradient is exactly zero for every trainable parameter.
+def zero_gradient_loss(model: nn.Module, reached_from: Tensor | None) -> Tensor:
+    """A loss whose gradient is exactly zero for every trainable parameter that `reached_from`
+    reaches (None: for every trainable parameter).
 
     The skipped micro-batch's graph cannot be scaled to zero (NaN * 0 = NaN flows back through
-    every NaN activation), so this builds a new one from the parameters alone; every parameter
-    still gets a gradient, so DDP's reducer and the accumulation window run as usual.
+    every NaN activation), so this builds a new one from the parameters alone. Which ones is
+    DDP's to say: with `find_unused_parameters` its reducer has marked those the loss does not
+    reach as unused, and a gradient for one of them fails the backward (they keep none, as after
+    a finite micro-batch); without it, it waits for a gradient of every parameter.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    if reached_from is not None:
+        reached = _leaves_reached(reached_from)
+        params = [p for p in params if id(p) in reached]
     return torch.stack([p.sum().float() for p in params]).sum() * 0.0
+
+
+def _leaves_reached(loss: Tensor) -> set[int]:
+    """The ids of the leaf tensors `loss`'s autograd graph accumulates gradients into."""
+    leaves, seen, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf
+            leaves.add(id(node.variable))
+        stack.extend(child for child, _ in node.next_functions)
+    return leaves
 
 
 def _finite(tensor: Tensor) -> bool:
@@ -112,3 +136,63 @@ def describe(
             f"(e.g. {bad_parameters[0]}): the run diverged"
         )
     return f"Switch-KD: {', '.join(parts)}. Likely causes: {LIKELY_CAUSES}."
+
+
+WINDOW_SKIPPED = (
+    "Switch-KD: every micro-batch of the accumulation window of step %d was non-finite and "
+    "skipped: %s"
+)
+NO_STEP = (
+    "no optimizer step (weights, optimizer state and learning rate unchanged; the Trainer's step "
+    "counter still advances)"
+)
+DEEPSPEED_STEPPED = (
+    "DeepSpeed's engine has applied its optimizer step all the same (a zero gradient: weight "
+    "decay and the optimizer's moments still move the weights)"
+)
+
+
+class WindowStepGate:
+    """`--nonfinite skip`: no optimizer step for an accumulation window whose every micro-batch
+    was skipped (a zero gradient still moves AdamW's weights, by its moments and weight decay).
+
+    Wraps the Trainer's optimizer (accelerate's `AcceleratedOptimizer`): the step of such a
+    window does nothing and reports itself skipped through accelerate's `step_was_skipped`
+    (what an fp16 overflow sets), so the Trainer leaves the LR scheduler alone as well. The
+    skip decisions are all-reduced, so every data-parallel rank gates alike. Under DeepSpeed the
+    engine steps inside `backward`, out of reach: the window is only reported there.
+    """
+
+    def __init__(self) -> None:
+        self.kept = self.skipped = 0  # micro-batches since the last optimizer step
+        self.skipped_steps = 0  # optimizer steps not taken, since the last log
+        self._optimizer = None
+
+    def count(self, skipped: bool) -> None:
+        if skipped:
+            self.skipped += 1
+        else:
+            self.kept += 1
+
+    def attach(self, optimizer, step: Callable[[], int], deepspeed: bool) -> None:
+        """Gate `optimizer.step` (once per optimizer object); `step()` is the Trainer's step
+        counter, for the log."""
+        if optimizer is None or optimizer is self._optimizer:
+            return
+        self._optimizer, original = optimizer, optimizer.step
+
+        @functools.wraps(original)  # keeps the LR scheduler's mark on the step it wrapped
+        def gated_step(*args, **kwargs):
+            all_skipped = self.skipped > 0 and self.kept == 0
+            self.kept = self.skipped = 0
+            if all_skipped and not deepspeed:
+                optimizer._is_overflow = True  # accelerate's `step_was_skipped`: no LR step
+                self.skipped_steps += 1
+                logger.warning(WINDOW_SKIPPED, step() + 1, NO_STEP)
+                return None
+            if all_skipped:
+                logger.warning(WINDOW_SKIPPED, step() + 1, DEEPSPEED_STEPPED)
+            optimizer._is_overflow = False  # ours to reset; an fp16 scaler sets it again
+            return original(*args, **kwargs)
+
+        optimizer.step = gated_step

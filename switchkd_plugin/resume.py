@@ -8,8 +8,9 @@ weights. Here the saved keys are compared with the model's first; when they diff
 checkpoint is read through the model class's own `from_pretrained` (which knows the layout
 conversions of its release), and anything still unmatched is an error.
 
-A checkpoint written with `SwitchKDConfig` also records the Switch-KD settings it was trained
-with; resuming under settings that change the objective is refused (`check_resume_settings`).
+Every checkpoint the Switch-KD trainer writes also records, as JSON, the Switch-KD settings it
+was trained with; resuming under settings that change the objective is refused
+(`check_resume_settings`). Nothing here unpickles a checkpoint file.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_WEIGHTS_INDEX = "model.safetensors.index.json"
 TORCH_WEIGHTS = "pytorch_model.bin"
 TORCH_WEIGHTS_INDEX = "pytorch_model.bin.index.json"
-TRAINING_ARGS = "training_args.bin"  # the Trainer's pickled arguments, in every checkpoint
+SETTINGS_FILE = "switchkd_config.json"  # the Switch-KD settings, in every checkpoint we write
 
 # Settings a resumed run may change: none of them changes the loss being minimised.
 SAFE_TO_CHANGE = {
@@ -159,18 +160,30 @@ def numpy_rng_state_loadable():
         yield
 
 
-def saved_switchkd_settings(directory: str | Path) -> SwitchKDArguments | None:
-    """The Switch-KD settings a checkpoint was trained with: its `training_args.bin` when that
-    is a `SwitchKDConfig` (None: not recorded, e.g. plain `TrainingArguments` + `switchkd_args=`).
+def save_switchkd_settings(directory: str | Path, settings: SwitchKDArguments) -> None:
+    """Write `settings` (and this package's version) as JSON into a checkpoint directory."""
+    from . import __version__
 
-    The file is a pickle, like the Trainer's other checkpoint files; it is read only from the
-    checkpoint this run was told to resume from.
+    record = {
+        "switchkd_plugin_version": __version__,
+        "settings": {f.name: getattr(settings, f.name) for f in fields(SwitchKDArguments)},
+    }
+    path = Path(directory) / SETTINGS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def saved_switchkd_settings(directory: str | Path) -> dict | None:
+    """The Switch-KD settings a checkpoint records in its `switchkd_config.json` (None: none
+    recorded, e.g. written by a plain Trainer or an older switchkd_plugin).
+
+    JSON only: nothing in the checkpoint is unpickled here (its `training_args.bin` is a pickle
+    the host Trainer never loads on resume, and neither do we).
     """
-    path = Path(directory) / TRAINING_ARGS
+    path = Path(directory) / SETTINGS_FILE
     if not path.is_file():
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    return saved if isinstance(saved, SwitchKDArguments) else None
+    return json.loads(path.read_text())["settings"]
 
 
 def check_resume_settings(directory: str | Path, current: SwitchKDArguments) -> None:
@@ -181,16 +194,22 @@ def check_resume_settings(directory: str | Path, current: SwitchKDArguments) -> 
     """
     saved = saved_switchkd_settings(directory)
     if saved is None:
-        logger.info(
-            "Switch-KD: %s records no Switch-KD settings (trained without SwitchKDConfig): "
-            "resuming without comparing them",
+        logger.warning(
+            "Switch-KD: %s has no %s (written by a plain Trainer or an older switchkd_plugin): "
+            "the Switch-KD settings it was trained with could not be checked against this run's",
             directory,
+            SETTINGS_FILE,
         )
         return
+    unrecorded = [f.name for f in fields(SwitchKDArguments) if f.name not in saved]
+    if unrecorded:  # settings added to the package after the checkpoint was written
+        logger.warning(
+            "Switch-KD: %s does not record %s: not compared", directory, ", ".join(unrecorded)
+        )
     changed = {
-        f.name: (getattr(saved, f.name), getattr(current, f.name))
+        f.name: (saved[f.name], getattr(current, f.name))
         for f in fields(SwitchKDArguments)
-        if getattr(saved, f.name) != getattr(current, f.name)
+        if f.name in saved and saved[f.name] != getattr(current, f.name)
     }
     refused = {name: values for name, values in changed.items() if name not in SAFE_TO_CHANGE}
     if refused:

@@ -37,13 +37,19 @@ from .engine import IGNORE_INDEX, StepTerms, SwitchKDEngine
 from .layer_checkpoint import swapped_forward
 from .loss_scale import BackwardRouter
 from .nonfinite import (
+    WindowStepGate,
     any_non_finite,
     describe,
     locate_non_finite,
     non_finite_parameters,
     zero_gradient_loss,
 )
-from .resume import check_resume_settings, numpy_rng_state_loadable, restore_model
+from .resume import (
+    check_resume_settings,
+    numpy_rng_state_loadable,
+    restore_model,
+    save_switchkd_settings,
+)
 from .teacher import freeze, is_lora_checkpoint, load_teacher, lora_base_path, teacher_dtype
 from .teacher_calls import ShardedTeacherCalls, chunk_safe_when_sharded, shard_teacher
 
@@ -198,8 +204,13 @@ class SwitchKDTrainerMixin:
     ) -> None:
         if peft_config is not None:
             args, kwargs = _with_peft_student(args, kwargs, peft_config)
+        training_args = args[1] if len(args) > 1 else kwargs.get("args")
+        settings = _settings(training_args, switchkd_args)
+        if settings.distill == "switchkd" and _fsdp_requested(training_args):
+            # Before the host, which refuses --fsdp on one process without naming a way out.
+            raise _fsdp_refusal()
         super().__init__(*args, **kwargs)
-        self.switchkd_args = _settings(self.args, switchkd_args)
+        self.switchkd_args = settings
         self.teacher: nn.Module | None = None
         self._engine: SwitchKDEngine | None = None
         self._teacher_engine = None  # the DeepSpeed engine sharding the teacher under ZeRO-3
@@ -209,6 +220,7 @@ class SwitchKDTrainerMixin:
         self._eval_log = _TermLog()
         self._backward: BackwardRouter | None = None
         self._nonfinite_in_a_row = self._nonfinite_skipped = 0
+        self._step_gate = WindowStepGate()
         if self.switchkd_args.distill == "switchkd":
             self._check_layout()
             self._engine = self._build_engine(teacher_model, teacher_tokenizer)
@@ -239,6 +251,14 @@ class SwitchKDTrainerMixin:
                 f"Switch-KD does not run under nn.DataParallel ({self.args.n_gpu} GPUs in one "
                 "process): launch one process per GPU with `torchrun --nproc_per_node N` or the "
                 "`deepspeed` launcher (or set CUDA_VISIBLE_DEVICES to one GPU)"
+            )
+        if getattr(self, "is_fsdp_enabled", False):  # e.g. an accelerate config's FSDP plugin
+            raise _fsdp_refusal()
+        if self.args.torch_compile:
+            logger.warning(
+                "Switch-KD: --torch_compile has no effect: the Trainer compiles the student's "
+                "forward, but Switch-KD's engine calls the student's modules (vision tower, "
+                "connector, decoder, lm_head) directly, so nothing it runs is compiled"
             )
         if self.switchkd_args.teacher_zero3 == "replicate" and not _zero3():
             raise ValueError(
@@ -399,6 +419,14 @@ class SwitchKDTrainerMixin:
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The host's save, plus the Switch-KD settings as JSON (`switchkd_config.json`), which
+        resuming compares. Every checkpoint goes through here (`_save_checkpoint` calls it on
+        every rank, DeepSpeed included, on 4.40 to 5.x); the process that writes writes it."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            save_switchkd_settings(output_dir or self.args.output_dir, self.switchkd_args)
+
     def _load_rng_state(self, checkpoint) -> None:
         with numpy_rng_state_loadable():  # transformers < 4.47 on torch >= 2.6
             super()._load_rng_state(checkpoint)
@@ -478,6 +506,11 @@ class SwitchKDTrainerMixin:
         loss = super().training_step(*args, **kwargs)
         if self._backward is not None:  # before any optimizer step: refuse, never train wrong
             self._backward.check_consumed()
+        if self._engine is not None and self.switchkd_args.nonfinite == "skip":
+            # Here: the optimizer is the accelerate-wrapped one by now, on every release.
+            self._step_gate.attach(
+                self.optimizer, lambda: self.state.global_step, self.is_deepspeed_enabled
+            )
         return loss
 
     def _skip_if_non_finite(self, model, batch: dict, terms: StepTerms) -> Tensor | None:
@@ -492,17 +525,22 @@ class SwitchKDTrainerMixin:
             flag = self.accelerator.reduce(flag, reduction="sum")
         if not flag.item():
             self._nonfinite_in_a_row = 0
+            self._step_gate.count(skipped=False)
             return None
         args, student = self.switchkd_args, self._unwrap(model)
         self._nonfinite_in_a_row += 1
         if args.nonfinite == "skip" and self._nonfinite_in_a_row < args.nonfinite_max_in_a_row:
             self._nonfinite_skipped += 1
+            self._step_gate.count(skipped=True)
             logger.warning(
-                "Switch-KD: %s; skipping this micro-batch (%d in a row)",
+                "%s; skipping this micro-batch (%d in a row)",  # `describe` names Switch-KD
                 describe(terms, [], [], self.state.global_step).rstrip("."),
                 self._nonfinite_in_a_row,
             )
-            return zero_gradient_loss(student)
+            # DDP without find_unused_parameters (e.g. with gradient checkpointing) waits for a
+            # gradient of every parameter; anywhere else, those the loss reaches get one.
+            every = not getattr(model, "find_unused_parameters", True)
+            return zero_gradient_loss(student, None if every else terms.loss)
         own = bool(any_non_finite(terms).item())
         found = locate_non_finite(self._engine, batch)  # on every rank: collectives in step
         message = describe(
@@ -524,7 +562,8 @@ class SwitchKDTrainerMixin:
             logs.update(self._term_log.pop(self._sum_over_ranks))  # every rank logs: collective
             if self._engine is not None and self.switchkd_args.nonfinite == "skip":
                 logs["nonfinite_skipped"] = self._nonfinite_skipped
-                self._nonfinite_skipped = 0
+                logs["nonfinite_skipped_steps"] = self._step_gate.skipped_steps
+                self._nonfinite_skipped = self._step_gate.skipped_steps = 0
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(
@@ -566,6 +605,22 @@ def _settings(
             )
         return SwitchKDArguments(**{name: getattr(args, name) for name in SWITCHKD_FIELDS})
     return switchkd_args or SwitchKDArguments()
+
+
+def _fsdp_requested(args: transformers.TrainingArguments | None) -> bool:
+    """--fsdp (a list on 4.x, True on 5.x), or FSDP asked of accelerate (`accelerate launch`'s
+    FSDP config exports ACCELERATE_USE_FSDP)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return bool(getattr(args, "fsdp", None)) or parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def _fsdp_refusal() -> ValueError:
+    return ValueError(
+        "Switch-KD does not support FSDP yet (--fsdp, or accelerate's FSDP plugin): its engine "
+        "calls the student's modules outside FSDP's wrapped forward. Shard with DeepSpeed ZeRO-3 "
+        "instead, the tested sharding (--deepspeed configs/zero3.json), or train with ZeRO-2 / DDP"
+    )
 
 
 def _with_peft_student(args: tuple, kwargs: dict, peft_config) -> tuple[tuple, dict]:

@@ -1,8 +1,9 @@
 """`SwitchKDConfig`: `TrainingArguments` that carry the Switch-KD settings, as TRL's configs do.
 
-The Trainer pickles its arguments into every checkpoint (`training_args.bin`), so the settings
-travel with the run, and resuming compares them (`switchkd_plugin.resume.check_resume_settings`).
-The Factory keeps `SwitchKDArguments` beside its own `TrainingArguments`.
+One parsed object holds the whole run's settings. Whichever way they are passed (this config, or
+`switchkd_args=` beside plain `TrainingArguments`, as the Factory does), every checkpoint records
+the Switch-KD settings in `switchkd_config.json`, and resuming compares them
+(`switchkd_plugin.resume.check_resume_settings`).
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
 Every rank builds the same tiny student and teacher, takes its share of two micro-batches (the
 first without any response token), and trains one SGD step (3 in mode split-3-steps); rank 0
-saves the weights.
+saves the weights. Modes split-nan[-checkpointed] and split-adamw: see `_skipped_window`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -14,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.testing import (
     build_hf_llava,
     build_tokenizer,
@@ -23,7 +25,7 @@ from switchkd_plugin.testing import (
 )
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_trainer import _split, _trainer
+from test_trainer import InOrder, _split, _trainer
 
 
 def _models_and_micro_batches(family: str):
@@ -76,6 +78,23 @@ def _freeze_what_the_host_leaves_unused(student, batch: dict) -> None:
     student.zero_grad(set_to_none=True)
 
 
+def _skipped_window(mode: str, student, micro: list[dict], training: dict):
+    """(batches, trainer options) of AdamW with weight decay under --nonfinite skip, batches in
+    order (one micro-batch per rank a step). split-nan: a first step whose second micro-batch
+    has a NaN image (both ranks skip it: no step), then the clean step; split-adamw: the clean
+    step alone, what split-nan must equal. A -checkpointed mode checkpoints the student's
+    layers, under which the Trainer's DDP waits for a gradient of every parameter."""
+    training.update(optim="adamw_torch", weight_decay=0.1, learning_rate=1e-2)
+    training["gradient_checkpointing"] = mode.endswith("-checkpointed")
+    options = {"nonfinite": "skip", "trainer_class": InOrder}
+    if mode.startswith("split-adamw"):
+        return micro, options
+    poisoned = {key: value.clone() for key, value in micro[1].items()}
+    poisoned[adapter_for(student).images_key].view(-1)[0] = float("nan")
+    training["max_steps"] = 2
+    return [micro[0], poisoned, *micro], options
+
+
 def main(
     out_dir: str, world_micro_batches: str, deepspeed: str = "", teacher_zero3: str = "shard"
 ) -> None:
@@ -104,11 +123,15 @@ def main(
         training["ddp_find_unused_parameters"] = False
     if deepspeed:
         training["deepspeed"] = deepspeed
+    batches, options = micro * steps, {}
+    skipping = world_micro_batches.startswith(("split-nan", "split-adamw"))
+    if skipping:
+        batches, options = _skipped_window(world_micro_batches, student, micro, training)
     # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.
     # The ranks' micro-batches need different chunk counts: they agree on the larger one.
-    trainer = _trainer(student, tokenizer, micro * steps, out_dir, teacher=teacher,
+    trainer = _trainer(student, tokenizer, batches, out_dir, teacher=teacher,
                        training=training, lm_head_chunk_size=16, teacher_zero3=teacher_zero3,
-                       teacher_gradient_checkpointing=checkpointing)  # fmt: skip
+                       teacher_gradient_checkpointing=checkpointing, **options)  # fmt: skip
     assert trainer.is_deepspeed_enabled == bool(deepspeed)
     trainer.train()
     if trainer._teacher_engine is not None and trainer.args.process_index == 0:
@@ -117,6 +140,9 @@ def main(
         with open(os.path.join(out_dir, "teacher_trace.txt"), "w") as file:
             file.write("complete" if coordinator.is_complete_trace() else "not complete")
     trainer.save_model(out_dir)  # gathers ZeRO-3 shards on rank 0
+    if skipping and trainer.args.process_index == 0:
+        with open(os.path.join(out_dir, "log_history.json"), "w") as file:
+            json.dump(trainer.state.log_history, file)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

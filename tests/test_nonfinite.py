@@ -8,7 +8,8 @@ import logging
 
 import pytest
 import torch
-from test_trainer import _trainer
+import transformers
+from test_trainer import InOrder, _trainer
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.testing import IGNORE_INDEX, make_host_batch
@@ -97,3 +98,61 @@ def test_skip_stops_after_the_given_number_in_a_row(hf_student, tiny_tokenizer, 
         trainer.train()
     assert trainer.state.global_step == 2  # two skipped steps, the third stops the run
     _same_weights(trainer.model, hf_student)  # SGD on zero gradients moves nothing
+
+
+class _AfterEachStep(transformers.TrainerCallback):
+    """Weights, optimizer state and learning rate after each of the Trainer's steps."""
+
+    def __init__(self) -> None:
+        self.after: dict[int, tuple] = {}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.after[state.global_step] = (
+            copy.deepcopy(model.state_dict()),
+            copy.deepcopy(optimizer.state_dict()["state"]),
+            kwargs["lr_scheduler"].get_last_lr(),
+        )
+
+
+def _equal_states(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(x, b[key]) if torch.is_tensor(x) else _equal_states(x, b[key])
+        for key, x in a.items()
+    )
+
+
+def test_a_window_of_skipped_micro_batches_makes_no_adamw_step(
+    hf_student, tiny_tokenizer, tmp_path, caplog
+):
+    good = [make_host_batch(hf_student, tiny_tokenizer, n=2, seed=s) for s in range(3)]
+    nan = [_poisoned(hf_student, tiny_tokenizer, seed) for seed in range(3, 6)]
+    # Windows of 2: both finite, both NaN (no step), one NaN and one finite (a step on it).
+    batches = [good[0], good[1], nan[0], nan[1], nan[2], good[2]]
+    trainer = _trainer(
+        copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path, w_align=0.0, w_vsd=0.0,
+        trainer_class=InOrder, nonfinite="skip", training={
+            "max_steps": 3, "gradient_accumulation_steps": 2, "optim": "adamw_torch",
+            "weight_decay": 0.1, "learning_rate": 1e-2, "lr_scheduler_type": "linear",
+        },
+    )  # fmt: skip
+    snapshots = _AfterEachStep()
+    trainer.add_callback(snapshots)
+    with caplog.at_level(logging.WARNING, logger="switchkd_plugin"):
+        trainer.train()
+    (weights_1, moments_1, lr_1), (weights_2, moments_2, lr_2), (weights_3, moments_3, lr_3) = (
+        snapshots.after[step] for step in (1, 2, 3)
+    )
+    assert _equal_states(weights_2, weights_1)
+    assert _equal_states(moments_2, moments_1)  # exp_avg, exp_avg_sq and the step count
+    assert lr_2 == lr_1  # the schedule did not advance either
+    assert "window of step 2 was non-finite and skipped: no optimizer step" in caplog.text
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    skipped_steps = {e["step"]: e["nonfinite_skipped_steps"] for e in logs}
+    assert skipped_steps == {1: 0, 2: 1, 3: 0}
+    # The last window steps on its finite micro-batch, with the LR the skipped step had.
+    assert not _equal_states(weights_3, weights_2)
+    # The skipped micro-batch gives no gradient to parameters no loss reaches (SigLIP's unused
+    # pooling head): AdamW keeps no state for them, and their weights see no decay.
+    assert moments_3.keys() == moments_1.keys()
+    assert all(moments_3[key]["step"] == 2 for key in moments_1)  # 1 + this step
+    assert lr_3 < lr_2

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import copy
+import json
+import logging
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_trainer import _trainer
 
+import switchkd_plugin
+from switchkd_plugin.resume import SETTINGS_FILE
 from switchkd_plugin.testing import make_host_batch
 
 STEPS, SAVE_AT = 8, 4
@@ -92,3 +97,67 @@ def test_a_checkpoint_that_cannot_restore_every_weight_is_refused(
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"cannot restore the model's weights exactly.*missing"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+
+
+class _CreatesFileWhenUnpickled:
+    """What a crafted `training_args.bin` can hold: unpickling it runs `open(marker, "w")`."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+SHORT = {**TRAINING, "max_steps": 2, "save_steps": 1, "gradient_accumulation_steps": 1}
+
+
+@pytest.mark.parametrize("distill", ["switchkd", "none"])
+def test_resuming_never_unpickles_training_args_and_says_the_settings_were_not_checked(
+    models, tiny_tokenizer, tmp_path, caplog, distill
+):
+    student, teacher = models
+    batches = [make_host_batch(student, tiny_tokenizer, n=2, seed=s) for s in range(2)]
+    first = _trainer(
+        copy.deepcopy(student), tiny_tokenizer, batches, tmp_path / "a", distill=distill,
+        teacher=None if distill == "none" else teacher, training=SHORT,
+    )  # fmt: skip
+    first.train()
+    checkpoint = tmp_path / "a" / "checkpoint-1"
+    (checkpoint / SETTINGS_FILE).unlink(missing_ok=True)  # as a plain Trainer writes it
+    trap, marker = _CreatesFileWhenUnpickled(tmp_path / "ran"), tmp_path / "ran"
+    torch.save(trap, checkpoint / "training_args.bin")
+    torch.load(checkpoint / "training_args.bin", weights_only=False)
+    assert marker.exists(), "the trap does not work: this test would prove nothing"
+    marker.unlink()
+    trainer = _trainer(
+        copy.deepcopy(student), tiny_tokenizer, batches, tmp_path / "b", distill=distill,
+        teacher=None if distill == "none" else teacher, training=SHORT,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="switchkd_plugin.resume"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert not marker.exists()
+    assert trainer.state.global_step == 2
+    assert caplog.text.count("could not be checked") == 1
+
+
+def test_settings_passed_as_switchkd_args_are_saved_as_json_and_checked(
+    models, tiny_tokenizer, tmp_path
+):
+    student, teacher = models
+    batches = [make_host_batch(student, tiny_tokenizer, n=2, seed=s) for s in range(2)]
+
+    def run(out, resume=None, **switchkd):
+        trainer = _trainer(
+            copy.deepcopy(student), tiny_tokenizer, batches, out, teacher=teacher,
+            training=SHORT, **switchkd,
+        )  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+
+    run(tmp_path / "a", temperature=2.0)
+    record = json.loads((tmp_path / "a" / "checkpoint-1" / SETTINGS_FILE).read_text())
+    assert record["switchkd_plugin_version"] == switchkd_plugin.__version__
+    assert record["settings"]["temperature"] == 2.0
+    assert record["settings"]["distill"] == "switchkd"
+    with pytest.raises(ValueError, match=re.escape("--temperature was 2.0, now 3.0")):
+        run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-1"))

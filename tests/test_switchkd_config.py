@@ -4,16 +4,17 @@ resume, through the real Trainer on the tiny LLaVA pair."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
 
 import pytest
-import torch
 import transformers
 from test_trainer import TOKENIZER_KWARG, _Batches, _only
 from transformers.trainer_utils import SchedulerType
 
 from switchkd_plugin import SwitchKDArguments, SwitchKDConfig, SwitchKDTrainer
+from switchkd_plugin.resume import SETTINGS_FILE
 from switchkd_plugin.testing import make_host_batch
 
 SAVE_AT = 2
@@ -95,8 +96,8 @@ def test_config_and_switchkd_args_together_are_refused(hf_student, tiny_tokenize
 
 def test_the_checkpoint_saves_the_settings_and_resumes_under_them(checkpointed):
     checkpoint, resume = checkpointed
-    saved = torch.load(checkpoint / "training_args.bin", weights_only=False)
-    assert isinstance(saved, SwitchKDConfig) and saved.w_vsd == 0.5
+    saved = json.loads((checkpoint / SETTINGS_FILE).read_text())["settings"]
+    assert saved["w_vsd"] == 0.5 and saved["distill"] == "switchkd"
     trainer = resume()
     assert trainer.state.global_step == SAVE_AT + 1
     assert trainer._engine is not None and trainer.switchkd_args.w_vsd == 0.5

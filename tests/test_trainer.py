@@ -6,13 +6,14 @@ import copy
 import inspect
 import json
 import logging
+import os
 import re
 
 import pytest
 import torch
 import transformers
 from tensor_close import assert_close, parameter_scale
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, SequentialSampler
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.config import SwitchKDArguments
@@ -44,6 +45,14 @@ class _Batches(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return {key: value.clone() for key, value in self.batches[index].items()}
+
+
+class InOrder(SwitchKDTrainer):
+    """Micro-batches in dataset order (split over ranks in turn): each accumulation window, and
+    each step's share of the ranks, is the one a test built."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
 
 
 def _only(items: list[dict]) -> dict:
@@ -559,3 +568,39 @@ def test_evaluation_reports_token_weighted_term_means(hf_student, hf_teacher, ti
         expected = sum(getattr(t, name).item() for t in terms) / tokens
         assert metrics[f"eval_{name}"] == pytest.approx(expected, rel=1e-5), name
     assert metrics["eval_distilled_tokens"] == tokens
+
+
+@pytest.fixture
+def restored_environ():
+    """TrainingArguments hand --fsdp / --torch_compile to accelerate through os.environ."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.parametrize("how", ["--fsdp", "accelerate"])
+def test_fsdp_is_refused_at_construction_naming_deepspeed_zero3(
+    hf_student, tiny_tokenizer, tmp_path, restored_environ, how
+):
+    training = {"fsdp": "full_shard"} if how == "--fsdp" else {}
+    if how == "accelerate":  # what `accelerate launch` exports for an FSDP config
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+    batches = [make_host_batch(hf_student, tiny_tokenizer, n=2)]
+    with pytest.raises(ValueError, match=r"does not support FSDP yet.*DeepSpeed ZeRO-3"):
+        _trainer(
+            copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path, w_align=0.0,
+            w_vsd=0.0, training=training,
+        )  # fmt: skip
+
+
+def test_torch_compile_warns_once_that_it_compiles_nothing_the_engine_runs(
+    hf_student, tiny_tokenizer, tmp_path, restored_environ, caplog
+):
+    batches = [make_host_batch(hf_student, tiny_tokenizer, n=2)]
+    with caplog.at_level(logging.WARNING, logger="switchkd_plugin"):
+        _trainer(
+            copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path, w_align=0.0,
+            w_vsd=0.0, training={"torch_compile": True},
+        )  # fmt: skip
+    assert caplog.text.count("--torch_compile has no effect") == 1

@@ -22,6 +22,7 @@ import transformers
 from packaging.version import Version
 from test_trainer import assert_same_step
 
+from switchkd_plugin.resume import SETTINGS_FILE
 from switchkd_plugin.trainer import ZERO3_EVAL_BACKWARD_DEEPSPEED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +81,7 @@ def _run(
         assert result.returncode != 0 and f"deepspeed>={ZERO3_EVAL_BACKWARD_DEEPSPEED}" in log, log
         return log
     assert result.returncode == 0, log
+    assert (out / SETTINGS_FILE).is_file(), f"the writing rank saved no Switch-KD settings\n{log}"
     model_class = transformers.AutoConfig.from_pretrained(str(out)).architectures[0]
     return getattr(transformers, model_class).from_pretrained(str(out)).state_dict()
 
@@ -156,3 +158,30 @@ def test_a_text_only_rank_takes_the_one_rank_step(tmp_path, layout):
     reference = _run(tmp_path / "one", 1, None, **options)
     after = _run(tmp_path / "two", 2, stage, **options)
     assert_same_step(after, reference, _initial_weights(family))
+
+
+@pytest.mark.parametrize(
+    ("stage", "mode"),
+    [(None, "split-nan"), (None, "split-nan-checkpointed"), (2, "split-nan")],
+    ids=["ddp-2", "ddp-2-checkpointed", "zero2-2"],
+)
+def test_a_step_skipped_on_one_rank_is_skipped_on_all(tmp_path, stage, mode):
+    """One rank's micro-batch is NaN: both ranks skip it (the decision is all-reduced), so under
+    DDP the step makes no AdamW step and the next one equals a first step: DDP's reducer, with or
+    without find_unused_parameters, got the gradients it waits for. Under ZeRO-2 DeepSpeed's
+    engine steps inside backward, out of the trainer's reach: its zero-gradient step is applied
+    and only reported (README)."""
+    if stage is not None and not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
+    after = _run(tmp_path, 2, stage, mode=mode)
+    (tmp_path / "clean").mkdir()
+    clean = _run(tmp_path / "clean", 2, stage, mode=mode.replace("split-nan", "split-adamw"))
+    out = next(tmp_path.glob("2-ranks-*"))
+    logs = json.loads((out / "log_history.json").read_text())
+    skipped = [(e["nonfinite_skipped"], e["nonfinite_skipped_steps"]) for e in logs if "loss" in e]
+    if stage is None:
+        assert skipped == [(1, 1), (0, 0)]
+        assert_same_step(after, clean, _initial_weights())
+    else:
+        assert skipped == [(1, 0), (0, 0)]
+        assert not all(torch.equal(after[name], value) for name, value in clean.items())

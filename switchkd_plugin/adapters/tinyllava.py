@@ -47,7 +47,7 @@ class TinyLlavaAdapter(VLMAdapter):
             return None
         model = model_class(config)
         for name, path in files.items():
-            state = torch.load(path, map_location="cpu")
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only
             state = {key.replace(".base_layer", ""): value for key, value in state.items()}
             module = model.vision_tower._vision_tower if name == "vision_tower" else (
                 getattr(model, name)
