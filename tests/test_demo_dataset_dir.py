@@ -270,3 +270,20 @@ def test_a_rewritten_dataset_trains_a_new_teacher(dataset_dir: Path, tmp_path: P
     _rewrite_answers(root)  # the same path, other answers
     prepare(config, tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("teacher-*"))) == 2
+
+
+def test_a_truncated_image_is_refused_where_pil_was_told_to_load_truncated_files(
+    dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TinyLLaVA Factory's dataset modules set PIL's process-wide LOAD_TRUNCATED_IMAGES on
+    import; the check refuses a truncated file all the same, and leaves the setting as found."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    root = _copy_with(dataset_dir, tmp_path, "val", lambda records: records)
+    records = json.loads((root / "val.json").read_text())
+    records[3]["image"] = _truncated(root)
+    (root / "val.json").write_text(json.dumps(records))
+    with pytest.raises(DatasetFormatError, match=r"truncated\.png does not decode as an image"):
+        check_dataset(root)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True

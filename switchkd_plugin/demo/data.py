@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 from switchkd_plugin.demo.config import DemoConfig, stable_hash
 from switchkd_plugin.demo.evaluation import OVERALL, Accuracy
@@ -121,6 +121,18 @@ def _check_fields(path: Path, index: int, record: Any) -> tuple[str, str, str]:
     return question_type, turns[1]["value"], record["image"]
 
 
+def _decode_strictly(content: bytes) -> None:
+    """Decode an image, refusing a truncated file even where a library imported earlier set
+    PIL's process-wide ``LOAD_TRUNCATED_IMAGES`` (TinyLLaVA Factory's dataset modules do, and
+    would then train on the image's undecoded part as grey)."""
+    allowed = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        Image.open(io.BytesIO(content)).convert("RGB")
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = allowed
+
+
 class _DatasetReader:
     """Reads a dataset's files once each, hashing every byte read, and decodes each image as
     training does."""
@@ -163,7 +175,7 @@ class _DatasetReader:
         try:
             content = file.read_bytes()
             # Decoded as hf_data.load_pixel_values and the Factory do: a broken file fails here.
-            Image.open(io.BytesIO(content)).convert("RGB")
+            _decode_strictly(content)
         except OSError as error:  # PIL.UnidentifiedImageError is one
             raise _fail(
                 path,
