@@ -145,8 +145,8 @@ def step_function(case: Case):
 
     from switchkd_plugin.adapters import adapter_for
     from switchkd_plugin.config import SwitchKDArguments
-    from switchkd_plugin.engine import IGNORE_INDEX, ResponseRows, SwitchKDEngine
     from switchkd_plugin.losses import dbild_loss
+    from switchkd_plugin.objective.engine import IGNORE_INDEX, ResponseRows, SwitchKDEngine
 
     tokenizer, student, teacher = _models(case)
     batch = _batch(case, tokenizer, student)

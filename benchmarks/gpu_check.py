@@ -255,8 +255,8 @@ def check_qlora() -> str:
         if importlib.util.find_spec(module) is None:
             raise Skip(f"{module} is not importable ({fix})")
     from switchkd_plugin.demo import ShapesTaskConfig, write_llava_dataset
-    from switchkd_plugin.factory_compat import import_tinyllava
-    from switchkd_plugin.factory_patch import main as patch_command
+    from switchkd_plugin.integrations.tinyllava.compat import import_tinyllava
+    from switchkd_plugin.integrations.tinyllava.patch import main as patch_command
     from switchkd_plugin.testing import (
         build_tinyllava,
         build_tokenizer,

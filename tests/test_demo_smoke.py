@@ -18,7 +18,7 @@ from switchkd_plugin.demo.hosts import host_for
 from switchkd_plugin.demo.pipeline import prepare, run_default
 from switchkd_plugin.demo.report import accuracy_table
 from switchkd_plugin.demo.shapes import QUESTION_TYPES, ShapesTaskConfig, write_llava_dataset
-from switchkd_plugin.factory_compat import factory_import_error
+from switchkd_plugin.integrations.tinyllava.compat import factory_import_error
 
 
 def test_chance_is_one_over_the_answers_per_type(tmp_path) -> None:

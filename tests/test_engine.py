@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from switchkd_plugin.adapters import HFLlavaAdapter, VLMAdapter, adapter_for
 from switchkd_plugin.config import SwitchKDArguments
-from switchkd_plugin.engine import StepTerms, SwitchKDEngine
 from switchkd_plugin.losses import dbild_loss
+from switchkd_plugin.objective.engine import StepTerms, SwitchKDEngine
 from switchkd_plugin.testing import (
     IGNORE_INDEX,
     build_hf_llava,

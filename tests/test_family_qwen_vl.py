@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.config import SwitchKDArguments
-from switchkd_plugin.engine import SwitchKDEngine
 from switchkd_plugin.losses import dbild_loss
+from switchkd_plugin.objective.engine import SwitchKDEngine
 from switchkd_plugin.testing import IGNORE_INDEX, student_spec, teacher_spec
 from switchkd_plugin.testing import qwen_vl as qwen
 

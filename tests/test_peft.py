@@ -14,8 +14,8 @@ import pytest
 import torch
 from test_trainer import _trainer, assert_same_step
 
-from switchkd_plugin.teacher import load_teacher
 from switchkd_plugin.testing import make_host_batch
+from switchkd_plugin.training.teacher import load_teacher
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[peft]')")
 

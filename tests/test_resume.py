@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from test_trainer import _trainer
 
 import switchkd_plugin
-from switchkd_plugin.resume import SETTINGS_FILE
 from switchkd_plugin.testing import make_host_batch
+from switchkd_plugin.training.resume import SETTINGS_FILE
 
 STEPS, SAVE_AT = 8, 4
 # AdamW state, a schedule that changes every step and accumulation: everything resume restores.
@@ -134,7 +134,7 @@ def test_resuming_never_unpickles_training_args_and_says_the_settings_were_not_c
         copy.deepcopy(student), tiny_tokenizer, batches, tmp_path / "b", distill=distill,
         teacher=None if distill == "none" else teacher, training=SHORT,
     )  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="switchkd_plugin.resume"):
+    with caplog.at_level(logging.WARNING, logger="switchkd_plugin.training.resume"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert not marker.exists()
     assert trainer.state.global_step == 2

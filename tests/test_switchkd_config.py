@@ -14,8 +14,8 @@ from test_trainer import TOKENIZER_KWARG, _Batches, _only
 from transformers.trainer_utils import SchedulerType
 
 from switchkd_plugin import SwitchKDArguments, SwitchKDConfig, SwitchKDTrainer
-from switchkd_plugin.resume import SETTINGS_FILE
 from switchkd_plugin.testing import make_host_batch
+from switchkd_plugin.training.resume import SETTINGS_FILE
 
 SAVE_AT = 2
 
@@ -129,7 +129,7 @@ def test_resuming_the_last_checkpoint_of_output_dir_is_checked_too(checkpointed)
 
 def test_a_safe_change_resumes_and_says_why(checkpointed, caplog):
     _, resume = checkpointed
-    with caplog.at_level(logging.WARNING, logger="switchkd_plugin.resume"):
+    with caplog.at_level(logging.WARNING, logger="switchkd_plugin.training.resume"):
         trainer = resume("--lm_head_chunk_size", "3")
     assert trainer.state.global_step == SAVE_AT + 1
     assert "--lm_head_chunk_size 3 (saved: 1024), safe to change: memory" in caplog.text

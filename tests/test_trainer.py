@@ -25,7 +25,11 @@ from switchkd_plugin.testing import (
     student_spec,
     teacher_spec,
 )
-from switchkd_plugin.trainer import SwitchKDTrainer, SwitchKDTrainerMixin, switchkd_trainer_class
+from switchkd_plugin.training.trainer import (
+    SwitchKDTrainer,
+    SwitchKDTrainerMixin,
+    switchkd_trainer_class,
+)
 
 TOKENIZER_KWARG = (
     "processing_class"

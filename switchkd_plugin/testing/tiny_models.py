@@ -287,9 +287,9 @@ def build_tinyllava(
     ``select_feature``: the Factory's ``--mm_vision_select_feature``; ``"patch"`` drops the first
     vision token as if it were a CLS token (SigLIP has none: one patch is dropped), ``"cls_patch"``
     keeps every token.
-    Needs TinyLLaVA Factory importable (see ``switchkd_plugin.factory_compat``).
+    Needs TinyLLaVA Factory importable (see ``switchkd_plugin.integrations.tinyllava.compat``).
     """
-    from switchkd_plugin.factory_compat import import_tinyllava
+    from switchkd_plugin.integrations.tinyllava.compat import import_tinyllava
 
     import_tinyllava()
     from tinyllava.model import (

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .engine import ResponseRows, StepTerms, SwitchKDEngine
+from switchkd_plugin.objective.engine import ResponseRows, StepTerms, SwitchKDEngine
 
 logger = logging.getLogger(__name__)
 

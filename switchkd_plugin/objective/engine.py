@@ -40,16 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .adapters import MultimodalInputs, VLMAdapter
-from .adapters.base import VisionFeatures
-from .config import SwitchKDArguments
-from .constants import IGNORE_INDEX
-from .divergences import DBiLDTerm, make_divergence
-from .layer_checkpoint import checkpoint_each_layer
-from .loss_stage import chunked_loss
-from .losses import KStats
-from .losses.dbild import LedTopK
-from .teacher_calls import TeacherCalls
+from switchkd_plugin.adapters import MultimodalInputs, VLMAdapter
+from switchkd_plugin.adapters.base import VisionFeatures
+from switchkd_plugin.config import SwitchKDArguments
+from switchkd_plugin.constants import IGNORE_INDEX
+from switchkd_plugin.losses import KStats
+from switchkd_plugin.losses.dbild import LedTopK
+from switchkd_plugin.objective.divergences import DBiLDTerm, make_divergence
+from switchkd_plugin.objective.layer_checkpoint import checkpoint_each_layer
+from switchkd_plugin.objective.loss_stage import chunked_loss
+from switchkd_plugin.objective.teacher_calls import TeacherCalls
 
 
 @dataclass

@@ -25,8 +25,8 @@ from typing import TypeVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters import VLMAdapter
-from .layer_checkpoint import swapped_forward
+from switchkd_plugin.adapters import VLMAdapter
+from switchkd_plugin.objective.layer_checkpoint import swapped_forward
 
 Passes = TypeVar("Passes", bound=tuple)
 

@@ -22,8 +22,16 @@ import transformers
 from torch import Tensor, nn
 from transformers.trainer_utils import get_last_checkpoint
 
-from .adapters import VLMAdapter, adapter_for
-from .checks import (
+from switchkd_plugin.adapters import VLMAdapter, adapter_for
+from switchkd_plugin.config import SwitchKDArguments
+from switchkd_plugin.objective.engine import IGNORE_INDEX, StepTerms, SwitchKDEngine
+from switchkd_plugin.objective.layer_checkpoint import swapped_forward
+from switchkd_plugin.objective.teacher_calls import (
+    ShardedTeacherCalls,
+    chunk_safe_when_sharded,
+    shard_teacher,
+)
+from switchkd_plugin.training.checks import (
     check_switch_fields,
     check_switch_widths,
     check_teacher_model,
@@ -32,11 +40,8 @@ from .checks import (
     shared_vocab_size,
     vision_is_trainable,
 )
-from .config import SwitchKDArguments
-from .engine import IGNORE_INDEX, StepTerms, SwitchKDEngine
-from .layer_checkpoint import swapped_forward
-from .loss_scale import BackwardRouter
-from .nonfinite import (
+from switchkd_plugin.training.loss_scale import BackwardRouter
+from switchkd_plugin.training.nonfinite import (
     WindowStepGate,
     any_non_finite,
     describe,
@@ -44,14 +49,19 @@ from .nonfinite import (
     non_finite_parameters,
     zero_gradient_loss,
 )
-from .resume import (
+from switchkd_plugin.training.resume import (
     check_resume_settings,
     numpy_rng_state_loadable,
     restore_model,
     save_switchkd_settings,
 )
-from .teacher import freeze, is_lora_checkpoint, load_teacher, lora_base_path, teacher_dtype
-from .teacher_calls import ShardedTeacherCalls, chunk_safe_when_sharded, shard_teacher
+from switchkd_plugin.training.teacher import (
+    freeze,
+    is_lora_checkpoint,
+    load_teacher,
+    lora_base_path,
+    teacher_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -410,7 +420,7 @@ class SwitchKDTrainerMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         """The host's loader warns and goes on when the saved keys do not match the model's
         (transformers 5.x saves LLaVA in its original key layout): restore every weight through
-        the model's own `from_pretrained` then, or refuse (`switchkd_plugin.resume`). Also with
+        the model's own `from_pretrained` then, or refuse (`training/resume.py`). Also with
         `--distill none`: a resume that silently restarts from the initial weights is never
         what the run asked for."""
         # FSDP / SageMaker pass their wrapper: theirs is the host's loader.

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import SwitchKDArguments
-from .constants import DTYPE_KWARG
+from switchkd_plugin.config import SwitchKDArguments
+from switchkd_plugin.constants import DTYPE_KWARG
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def numpy_rng_state_loadable():
 
 def save_switchkd_settings(directory: str | Path, settings: SwitchKDArguments) -> None:
     """Write `settings` (and this package's version) as JSON into a checkpoint directory."""
-    from . import __version__
+    from switchkd_plugin import __version__
 
     record = {
         "switchkd_plugin_version": __version__,

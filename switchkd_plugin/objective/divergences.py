@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .config import SwitchKDArguments
-from .losses import KStats, full_kl_loss
-from .losses.dbild import (
+from switchkd_plugin.config import SwitchKDArguments
+from switchkd_plugin.losses import KStats, full_kl_loss
+from switchkd_plugin.losses.dbild import (
     DBiLDSelection,
     LedTopK,
     TopKRule,
