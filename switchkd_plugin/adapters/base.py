@@ -112,6 +112,12 @@ class VLMAdapter(ABC):
         return layers
 
     @property
+    def decode_module(self) -> nn.Module:
+        """What ``decode`` runs on the spliced embeddings: the decoder; a host whose outer model
+        builds the attention masks from ``decoder_kwargs`` (Gemma 3) names that model."""
+        return self.decoder
+
+    @property
     def input_embeddings(self) -> nn.Module:
         """The LM's token embedding, weight [V, H]."""
         return self.model.get_input_embeddings()
@@ -262,7 +268,7 @@ class VLMAdapter(ABC):
 
     def decode(self, inputs: MultimodalInputs) -> Tensor:
         """Decoder final hidden states (after the final norm, before ``lm_head``): [B, S, H]."""
-        outputs = self.decoder(
+        outputs = self.decode_module(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,
             position_ids=inputs.position_ids,
@@ -274,9 +280,33 @@ class VLMAdapter(ABC):
 
     # ------------------------------------------------------------------------ pre-flight
 
+    # Config values that must be equal in student and teacher for the switch, as dotted names on
+    # the model's config (as the user finds them there, e.g. "vision_config.depth"): for either
+    # switch point, and in addition for the vision switch (where the teacher's connector takes
+    # the student's encoder output).
+    switch_config_fields: ClassVar[tuple[str, ...]] = ()
+    vision_switch_config_fields: ClassVar[tuple[str, ...]] = ()
+
     def switch_fields(self, switch_point: str) -> dict[str, Any]:
         """Config values that must be equal in student and teacher for the switch at
         ``switch_point`` ("vision" or "connector"), beyond the widths ``check_switch_widths``
-        compares: name (as the user finds it in the config, e.g. ``vision_config.depth``) ->
-        value. None by default."""
-        return {}
+        compares: name -> value (None where the config lacks it; lists and tuples alike). The
+        fields the adapter declares in ``switch_config_fields`` (and, for "vision",
+        ``vision_switch_config_fields``); none by default."""
+        names = self.switch_config_fields
+        if switch_point == "vision":
+            names += self.vision_switch_config_fields
+        return {name: _as_plain(_config_value(self.model.config, name)) for name in names}
+
+
+def _config_value(config: Any, dotted_name: str) -> Any:
+    """``config.<a>.<b>`` for "a.b"; None where any part is missing."""
+    value = config
+    for name in dotted_name.split("."):
+        value = getattr(value, name, None)
+    return value
+
+
+def _as_plain(value: Any) -> Any:
+    """Config values as comparable plain values (lists and tuples alike)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
