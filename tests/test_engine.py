@@ -8,7 +8,6 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from tensor_close import assert_close, assert_same_gradients
 from torch import Tensor, nn
 
 from switchkd_plugin.adapters import HFLlavaAdapter, VLMAdapter, adapter_for
@@ -23,6 +22,7 @@ from switchkd_plugin.testing import (
     student_spec,
     teacher_spec,
 )
+from switchkd_plugin.testing.tensor_close import assert_close, assert_same_gradients
 
 
 def _args(**overrides) -> SwitchKDArguments:
@@ -357,7 +357,7 @@ def test_trainer_trains_on_text_only_batches(hf_student, hf_teacher, tiny_tokeni
     """HF LLaVA through SwitchKDTrainer.train(): an all-text batch (no pixel_values) and a mixed
     one beside an image batch; the text-only step logs vsd 0 over 0 VSD rows, the mixed one
     the VSD mean over its image samples' rows."""
-    from test_trainer import _trainer
+    from switchkd_plugin.testing.trainer import make_trainer
 
     student, teacher = copy.deepcopy(hf_student).train(), hf_teacher
     batches = [
@@ -365,7 +365,7 @@ def test_trainer_trains_on_text_only_batches(hf_student, hf_teacher, tiny_tokeni
         for rows in ((0, 1, 2), (1,), ())
     ]
     assert "pixel_values" not in batches[0]
-    trainer = _trainer(student, tiny_tokenizer, batches, tmp_path, teacher=teacher,
+    trainer = make_trainer(student, tiny_tokenizer, batches, tmp_path, teacher=teacher,
                        training={"max_steps": 3})  # fmt: skip
     trainer.train()
     logs = [e for e in trainer.state.log_history if "ce" in e]  # the sampler shuffles

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
-from tensor_close import assert_close
 
+from switchkd_plugin.testing.tensor_close import assert_close
 from switchkd_plugin.training.loss_scale import BackwardRouter, backward_divisor
 
 

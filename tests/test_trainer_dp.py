@@ -20,8 +20,8 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
-from test_trainer import assert_same_step
 
+from switchkd_plugin.testing.trainer import assert_same_step
 from switchkd_plugin.training.resume import SETTINGS_FILE
 from switchkd_plugin.training.trainer import ZERO3_EVAL_BACKWARD_DEEPSPEED
 
