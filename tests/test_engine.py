@@ -23,6 +23,7 @@ from switchkd_plugin.testing import (
     teacher_spec,
 )
 from switchkd_plugin.testing.tensor_close import assert_close, assert_same_gradients
+from switchkd_plugin.training.setup import engine_options
 
 
 def _args(**overrides) -> SwitchKDArguments:
@@ -32,7 +33,9 @@ def _args(**overrides) -> SwitchKDArguments:
 def _engine(student, teacher, vocab: int, **overrides) -> SwitchKDEngine:
     args = _args(**overrides)
     teacher_adapter = adapter_for(teacher) if args.needs_teacher else None
-    return SwitchKDEngine(adapter_for(student), teacher_adapter, args, vocab, run_switch=True)
+    return SwitchKDEngine(
+        adapter_for(student), teacher_adapter, engine_options(args, vocab, run_switch=True)
+    )
 
 
 def _grads(model: nn.Module) -> dict[str, Tensor | None]:
@@ -401,8 +404,9 @@ def assert_text_only_rank_runs_the_image_ranks_calls(
     assert "pixel_values" not in text_batch
     args = _args(w_align=0.5, w_vsd=2.0)
     pair = adapter_for(student), adapter_for(teacher)
-    one_rank = SwitchKDEngine(*pair, args, vocab, run_switch=True)
-    ranks = SwitchKDEngine(*pair, args, vocab, run_switch=True, agree_chunks=lambda n: max(n, 1))
+    options = engine_options(args, vocab, run_switch=True)
+    one_rank = SwitchKDEngine(*pair, options)
+    ranks = SwitchKDEngine(*pair, options, agree_chunks=lambda n: max(n, 1))
     assert_placeholder_goes_through(*pair)
     modules = [module for adapter in pair for module in (adapter.vision_module, adapter.connector)]
     calls = dict.fromkeys(range(len(modules)), 0)

@@ -26,7 +26,7 @@ from switchkd_plugin.testing import (
     teacher_spec,
     write_tinyllava_components,
 )
-from switchkd_plugin.training.trainer import ZERO3_EVAL_BACKWARD_DEEPSPEED
+from switchkd_plugin.training.distributed import ZERO3_EVAL_BACKWARD_DEEPSPEED
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -38,6 +38,7 @@ from switchkd_plugin.testing.families import (
 )
 from switchkd_plugin.testing.tensor_close import assert_close, assert_same_gradients
 from switchkd_plugin.testing.trainer import assert_same_step, make_trainer
+from switchkd_plugin.training.setup import engine_options
 
 ADAPTER_OF = {
     "llava_onevision": LlavaOnevisionAdapter,
@@ -131,7 +132,11 @@ def test_text_only_batch_is_the_hosts_with_no_switch_pass(family: str) -> None:
     batch = make_family_batch(family, student, tokenizer, n=3, seed=2, text_only=True)
     assert "pixel_values" not in batch
     args = SwitchKDArguments(distill="switchkd", teacher_model_path="unused")
-    engine = SwitchKDEngine(adapter_for(student), adapter_for(teacher), args, len(tokenizer), True)
+    engine = SwitchKDEngine(
+        adapter_for(student),
+        adapter_for(teacher),
+        engine_options(args, len(tokenizer), run_switch=True),
+    )
     calls: list[int] = []
     hook = engine.teacher.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
     try:

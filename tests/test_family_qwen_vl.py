@@ -30,6 +30,7 @@ from switchkd_plugin.testing import IGNORE_INDEX, student_spec, teacher_spec
 from switchkd_plugin.testing import qwen_vl as qwen
 from switchkd_plugin.testing.tensor_close import assert_close, assert_same_gradients
 from switchkd_plugin.testing.trainer import assert_same_step, make_trainer
+from switchkd_plugin.training.setup import engine_options
 
 HOST_CLASSES = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
@@ -164,7 +165,7 @@ def test_a_shared_vit_makes_the_switch_the_teacher(family, tokenizer):
         switched = t.decode(t.pathway_inputs(batch, t.project(s.vision_features(batch))))
     assert_close(switched, own, terms=HIDDEN, name="switch vs teacher states")
     args = SwitchKDArguments(distill="switchkd", teacher_model_path="unused", w_ce=0.0)
-    terms = SwitchKDEngine(s, t, args, len(tokenizer), True)(batch)
+    terms = SwitchKDEngine(s, t, engine_options(args, len(tokenizer), run_switch=True))(batch)
     assert abs(terms.vsd.item()) < 1e-6 < terms.align.item()
 
 
@@ -223,7 +224,9 @@ def test_engine_equals_the_hosts_three_pathways(pair, family, tokenizer, switch_
         temperature=tau,
         switch_point=switch_point,
     )
-    engine = SwitchKDEngine(adapter_for(student), adapter_for(teacher), args, vocab, True)
+    engine = SwitchKDEngine(
+        adapter_for(student), adapter_for(teacher), engine_options(args, vocab, run_switch=True)
+    )
     student.zero_grad()
     terms = engine(batch)
     terms.loss.backward()
@@ -260,7 +263,11 @@ def test_text_only_samples_equal_the_per_sample_reference(pair, tokenizer, text_
     args = SwitchKDArguments(
         distill="switchkd", teacher_model_path="unused", w_align=0.5, w_vsd=2.0
     )
-    engine = SwitchKDEngine(adapter_for(student), adapter_for(teacher), args, len(tokenizer), True)
+    engine = SwitchKDEngine(
+        adapter_for(student),
+        adapter_for(teacher),
+        engine_options(args, len(tokenizer), run_switch=True),
+    )
     decoder_batches: list[int] = []
     hook = engine.teacher.decoder.register_forward_pre_hook(
         lambda module, args, kwargs: decoder_batches.append(kwargs["inputs_embeds"].shape[0]),
@@ -418,7 +425,9 @@ def test_teacher_gradient_checkpointing_keeps_the_deepstack_gradient(pair, token
         )
         student.zero_grad()
         engine = SwitchKDEngine(
-            adapter_for(student), adapter_for(teacher), args, len(tokenizer), True
+            adapter_for(student),
+            adapter_for(teacher),
+            engine_options(args, len(tokenizer), run_switch=True),
         )
         engine(batch).loss.backward()
         results.append({name: _grads(student)[name] for name in _vit_names(student)})
