@@ -183,7 +183,8 @@ def step_function(case: Case):
 
     def switch_pass():
         features = s.vision_features(batch)
-        rows = engine._switch_rows(features, None, batch)
+        every_sample = torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
+        rows = engine._switch_rows(features, None, False, batch, every_sample)
         rows_through(t, rows, grad=True).backward()
 
     def step():
