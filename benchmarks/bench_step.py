@@ -145,8 +145,9 @@ def step_function(case: Case):
 
     from switchkd_plugin.adapters import adapter_for
     from switchkd_plugin.config import SwitchKDArguments
-    from switchkd_plugin.engine import IGNORE_INDEX, ResponseRows, SwitchKDEngine
     from switchkd_plugin.losses import dbild_loss
+    from switchkd_plugin.objective.engine import IGNORE_INDEX, ResponseRows, SwitchKDEngine
+    from switchkd_plugin.training.setup import engine_options
 
     tokenizer, student, teacher = _models(case)
     batch = _batch(case, tokenizer, student)
@@ -157,7 +158,7 @@ def step_function(case: Case):
         lm_head_chunk_size=case.chunk,
         teacher_gradient_checkpointing=case.checkpointing,
     )
-    engine = SwitchKDEngine(s, t, args, case.vocab, run_switch=True)
+    engine = SwitchKDEngine(s, t, engine_options(args, case.vocab, run_switch=True))
     chunk = case.chunk or 10**9
 
     def rows_through(adapter, rows: ResponseRows, grad: bool):
@@ -171,7 +172,7 @@ def step_function(case: Case):
         student(**batch).loss.backward()
 
     ce_only = dataclasses.replace(args, w_align=0, w_vsd=0)
-    student_engine = SwitchKDEngine(s, None, ce_only, case.vocab, run_switch=False)
+    student_engine = SwitchKDEngine(s, None, engine_options(ce_only, case.vocab, run_switch=False))
 
     def student_pass():
         student_engine(batch).loss.backward()
@@ -182,7 +183,8 @@ def step_function(case: Case):
 
     def switch_pass():
         features = s.vision_features(batch)
-        rows = engine._switch_rows(features, None, batch)
+        every_sample = torch.ones(batch["input_ids"].shape[0], dtype=torch.bool)
+        rows = engine._switch_rows(features, None, False, batch, every_sample)
         rows_through(t, rows, grad=True).backward()
 
     def step():

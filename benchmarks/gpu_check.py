@@ -98,9 +98,9 @@ def check_attention() -> str:
 
 def check_switchkd_bf16() -> str:
     import transformers
-    from test_trainer import _trainer
 
     from switchkd_plugin.testing import make_host_batch
+    from switchkd_plugin.testing.trainer import make_trainer
 
     tokenizer, student, teacher = _tiny_pair("sdpa")
     batches = [make_host_batch(student, tokenizer, n=4, seed=s) for s in range(2)]
@@ -108,11 +108,11 @@ def check_switchkd_bf16() -> str:
                         "use_cpu": False, "bf16": True}  # fmt: skip
     teacher.requires_grad_(True).train()
     with tempfile.TemporaryDirectory() as out:
-        _trainer(teacher, tokenizer, batches, out, trainer_class=transformers.Trainer,
+        make_trainer(teacher, tokenizer, batches, out, trainer_class=transformers.Trainer,
                  training=teacher_training).train()  # fmt: skip
         teacher.requires_grad_(False).eval()
         before = copy.deepcopy(teacher.state_dict())
-        trainer = _trainer(student, tokenizer, batches, out, teacher=teacher,
+        trainer = make_trainer(student, tokenizer, batches, out, teacher=teacher,
                            training=teacher_training)  # fmt: skip
         trainer.train()
     logs = [e for e in trainer.state.log_history if "ce" in e]
@@ -164,10 +164,9 @@ def check_zero3_teacher() -> str:
 
 
 def check_autocast_bf16() -> str:
-    from test_trainer import _trainer
-
     from switchkd_plugin.adapters import adapter_for
     from switchkd_plugin.testing import make_host_batch
+    from switchkd_plugin.testing.trainer import make_trainer
 
     tokenizer, student, teacher = _tiny_pair("sdpa")
     batches = [make_host_batch(student, tokenizer, n=4, seed=s) for s in range(2)]
@@ -176,7 +175,7 @@ def check_autocast_bf16() -> str:
         lambda module, args, output: seen.append(output.dtype)
     )
     with tempfile.TemporaryDirectory() as out:
-        trainer = _trainer(student, tokenizer, batches, out, teacher=teacher,
+        trainer = make_trainer(student, tokenizer, batches, out, teacher=teacher,
                            training={"max_steps": 2, "use_cpu": False, "bf16": True})  # fmt: skip
         trainer.train()
     hook.remove()
@@ -255,8 +254,8 @@ def check_qlora() -> str:
         if importlib.util.find_spec(module) is None:
             raise Skip(f"{module} is not importable ({fix})")
     from switchkd_plugin.demo import ShapesTaskConfig, write_llava_dataset
-    from switchkd_plugin.factory_compat import import_tinyllava
-    from switchkd_plugin.factory_patch import main as patch_command
+    from switchkd_plugin.integrations.tinyllava.compat import import_tinyllava
+    from switchkd_plugin.integrations.tinyllava.patch import main as patch_command
     from switchkd_plugin.testing import (
         build_tinyllava,
         build_tokenizer,

@@ -4,8 +4,8 @@ The reference implementation for TinyLLaVA Factory and Hugging Face transformers
 """
 
 from .config import SwitchKDArguments
-from .trainer import SwitchKDTrainer, SwitchKDTrainerMixin, switchkd_trainer_class
-from .training_config import SwitchKDConfig
+from .training.trainer import SwitchKDTrainer, SwitchKDTrainerMixin, switchkd_trainer_class
+from .training.training_config import SwitchKDConfig
 
 __version__ = "0.1.0"
 

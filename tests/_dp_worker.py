@@ -23,9 +23,7 @@ from switchkd_plugin.testing import (
     student_spec,
     teacher_spec,
 )
-
-sys.path.insert(0, os.path.dirname(__file__))
-from test_trainer import InOrder, _split, _trainer
+from switchkd_plugin.testing.trainer import InOrderTrainer, make_trainer, split_batch
 
 
 def _models_and_micro_batches(family: str):
@@ -38,7 +36,7 @@ def _models_and_micro_batches(family: str):
             tokenizer,
             student,
             teacher,
-            _split(make_host_batch(student, tokenizer, n=4, seed=7), (1, 3)),
+            split_batch(make_host_batch(student, tokenizer, n=4, seed=7), (1, 3)),
         )
     from switchkd_plugin.testing import families, qwen_vl
 
@@ -48,7 +46,7 @@ def _models_and_micro_batches(family: str):
         student = families.build_family_model(family, shared_vision, tokenizer).train()
         teacher = families.build_family_model(family, teacher_spec(), tokenizer)
         batch = families.make_family_batch(family, student, tokenizer, n=4, seed=7)
-        return tokenizer, student, teacher.requires_grad_(False).eval(), _split(batch, (1, 3))
+        return tokenizer, student, teacher.requires_grad_(False).eval(), split_batch(batch, (1, 3))
     tokenizer = qwen_vl.build_qwen_vl_tokenizer()
     student = qwen_vl.build_qwen_vl(family, student_spec(), tokenizer).train()
     teacher = qwen_vl.build_qwen_vl(family, teacher_spec(), tokenizer)
@@ -86,7 +84,7 @@ def _skipped_window(mode: str, student, micro: list[dict], training: dict):
     layers, under which the Trainer's DDP waits for a gradient of every parameter."""
     training.update(optim="adamw_torch", weight_decay=0.1, learning_rate=1e-2)
     training["gradient_checkpointing"] = mode.endswith("-checkpointed")
-    options = {"nonfinite": "skip", "trainer_class": InOrder}
+    options = {"nonfinite": "skip", "trainer_class": InOrderTrainer}
     if mode.startswith("split-adamw"):
         return micro, options
     poisoned = {key: value.clone() for key, value in micro[1].items()}
@@ -129,7 +127,7 @@ def main(
         batches, options = _skipped_window(world_micro_batches, student, micro, training)
     # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.
     # The ranks' micro-batches need different chunk counts: they agree on the larger one.
-    trainer = _trainer(student, tokenizer, batches, out_dir, teacher=teacher,
+    trainer = make_trainer(student, tokenizer, batches, out_dir, teacher=teacher,
                        training=training, lm_head_chunk_size=16, teacher_zero3=teacher_zero3,
                        teacher_gradient_checkpointing=checkpointing, **options)  # fmt: skip
     assert trainer.is_deepspeed_enabled == bool(deepspeed)

@@ -21,7 +21,7 @@ import torch
 import transformers
 from torch import nn
 
-from switchkd_plugin.factory_compat import import_tinyllava
+from switchkd_plugin.integrations.tinyllava.compat import import_tinyllava
 from switchkd_plugin.testing import build_hf_llava, build_tinyllava, build_tokenizer
 from switchkd_plugin.testing import student_spec as _student_spec
 from switchkd_plugin.testing import teacher_spec as _teacher_spec

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from tensor_close import assert_close, assert_same_gradients
 from torch import Tensor, nn
 
 from switchkd_plugin.adapters import (
@@ -25,6 +24,7 @@ from switchkd_plugin.testing import (
     make_batch,
     student_spec,
 )
+from switchkd_plugin.testing.tensor_close import assert_close, assert_same_gradients
 
 
 def _shifted_ce(logits: Tensor, labels: Tensor) -> Tensor:

@@ -71,8 +71,27 @@ def test_plain_sft_needs_no_teacher():
     assert not SwitchKDArguments(distill="switchkd", w_align=0.0, w_vsd=0.0).needs_teacher
 
 
-def test_every_flag_has_help_and_is_in_the_readme():
-    readme = README.read_text()
-    for field in dataclasses.fields(SwitchKDArguments):
+def _readme_flag_defaults() -> dict[str, str]:
+    """Flag -> default cell of the README's "Switch-KD arguments" table."""
+    section = README.read_text().split("## Switch-KD arguments", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| `--")]
+    return {
+        flag.strip().strip("`").removeprefix("--"): default.strip() for flag, default, _ in rows
+    }
+
+
+def test_every_flag_has_help_and_its_readme_row_gives_the_default():
+    """A default in backticks is the value itself; a default left unset (None) is described
+    in words (the student's, the window, —)."""
+    documented = _readme_flag_defaults()
+    fields = dataclasses.fields(SwitchKDArguments)
+    assert set(documented) == {field.name for field in fields}, "README table != the flags"
+    for field in fields:
         assert field.metadata.get("help"), field.name
-        assert f"`--{field.name}`" in readme, f"--{field.name} is not documented in README.md"
+        cell = documented[field.name]
+        if field.default is None:
+            assert not cell.startswith("`"), f"README gives --{field.name} {cell}, code: unset"
+        else:
+            assert cell == f"`{field.default}`", (
+                f"README gives --{field.name} {cell}, code: {field.default!r}"
+            )

@@ -33,7 +33,7 @@ from switchkd_plugin.demo.shapes import (
     ShapesTaskConfig,
     write_llava_dataset,
 )
-from switchkd_plugin.factory_compat import factory_import_error
+from switchkd_plugin.integrations.tinyllava.compat import factory_import_error
 from switchkd_plugin.testing import (
     FACTORY_IMAGE_TOKEN_INDEX,
     IGNORE_INDEX,

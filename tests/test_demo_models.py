@@ -11,7 +11,7 @@ import torch
 
 from switchkd_plugin.demo.hosts import HFLlavaHost, TinyLlavaHost
 from switchkd_plugin.demo.models import LANGUAGE_INIT_STD, _canonical_order, build_model, components
-from switchkd_plugin.factory_compat import factory_import_error
+from switchkd_plugin.integrations.tinyllava.compat import factory_import_error
 from switchkd_plugin.testing.tiny_models import build_tokenizer, teacher_spec
 
 SPEC = teacher_spec(vision_feature_layer=-1)

@@ -18,7 +18,7 @@ from switchkd_plugin.demo.hosts import host_for
 from switchkd_plugin.demo.pipeline import prepare, run_default
 from switchkd_plugin.demo.report import accuracy_table
 from switchkd_plugin.demo.shapes import QUESTION_TYPES, ShapesTaskConfig, write_llava_dataset
-from switchkd_plugin.factory_compat import factory_import_error
+from switchkd_plugin.integrations.tinyllava.compat import factory_import_error
 
 
 def test_chance_is_one_over_the_answers_per_type(tmp_path) -> None:
@@ -69,9 +69,9 @@ def test_help_without_a_command_shows_the_default_commands_flags(capsys) -> None
 
 
 def _readme_flag_rows() -> list[list[str]]:
-    """The cells of the demo section's flag table rows."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## The built-in demo", 1)[1].split("\n## ", 1)[0]
+    """The cells of the flag table rows of docs/demo.md (the README links there)."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "demo.md").read_text()
+    section = page.split("\n## ", 1)[0]  # the demo's own section, before its subsections
     return [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| `--")]
 
 
@@ -98,7 +98,9 @@ def test_readme_demo_table_gives_the_cli_integer_defaults() -> None:
             flag: action.default for action in command._actions for flag in action.option_strings
         }
         for flag, value in zip(flags, values, strict=True):
-            assert defaults[flag] == int(value), f"README says {flag} {value}, CLI {defaults[flag]}"
+            assert defaults[flag] == int(value), (
+                f"docs/demo.md says {flag} {value}, CLI {defaults[flag]}"
+            )
             checked += 1
     assert checked >= 6  # the step counts, --threads, --eval-every, --patience at least
 

@@ -8,13 +8,12 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from tensor_close import assert_close, assert_same_gradients
 from torch import Tensor, nn
 
 from switchkd_plugin.adapters import HFLlavaAdapter, VLMAdapter, adapter_for
 from switchkd_plugin.config import SwitchKDArguments
-from switchkd_plugin.engine import StepTerms, SwitchKDEngine
 from switchkd_plugin.losses import dbild_loss
+from switchkd_plugin.objective.engine import StepTerms, SwitchKDEngine
 from switchkd_plugin.testing import (
     IGNORE_INDEX,
     build_hf_llava,
@@ -23,6 +22,8 @@ from switchkd_plugin.testing import (
     student_spec,
     teacher_spec,
 )
+from switchkd_plugin.testing.tensor_close import assert_close, assert_same_gradients
+from switchkd_plugin.training.setup import engine_options
 
 
 def _args(**overrides) -> SwitchKDArguments:
@@ -32,7 +33,9 @@ def _args(**overrides) -> SwitchKDArguments:
 def _engine(student, teacher, vocab: int, **overrides) -> SwitchKDEngine:
     args = _args(**overrides)
     teacher_adapter = adapter_for(teacher) if args.needs_teacher else None
-    return SwitchKDEngine(adapter_for(student), teacher_adapter, args, vocab, run_switch=True)
+    return SwitchKDEngine(
+        adapter_for(student), teacher_adapter, engine_options(args, vocab, run_switch=True)
+    )
 
 
 def _grads(model: nn.Module) -> dict[str, Tensor | None]:
@@ -357,7 +360,7 @@ def test_trainer_trains_on_text_only_batches(hf_student, hf_teacher, tiny_tokeni
     """HF LLaVA through SwitchKDTrainer.train(): an all-text batch (no pixel_values) and a mixed
     one beside an image batch; the text-only step logs vsd 0 over 0 VSD rows, the mixed one
     the VSD mean over its image samples' rows."""
-    from test_trainer import _trainer
+    from switchkd_plugin.testing.trainer import make_trainer
 
     student, teacher = copy.deepcopy(hf_student).train(), hf_teacher
     batches = [
@@ -365,7 +368,7 @@ def test_trainer_trains_on_text_only_batches(hf_student, hf_teacher, tiny_tokeni
         for rows in ((0, 1, 2), (1,), ())
     ]
     assert "pixel_values" not in batches[0]
-    trainer = _trainer(student, tiny_tokenizer, batches, tmp_path, teacher=teacher,
+    trainer = make_trainer(student, tiny_tokenizer, batches, tmp_path, teacher=teacher,
                        training={"max_steps": 3})  # fmt: skip
     trainer.train()
     logs = [e for e in trainer.state.log_history if "ce" in e]  # the sampler shuffles
@@ -401,8 +404,9 @@ def assert_text_only_rank_runs_the_image_ranks_calls(
     assert "pixel_values" not in text_batch
     args = _args(w_align=0.5, w_vsd=2.0)
     pair = adapter_for(student), adapter_for(teacher)
-    one_rank = SwitchKDEngine(*pair, args, vocab, run_switch=True)
-    ranks = SwitchKDEngine(*pair, args, vocab, run_switch=True, agree_chunks=lambda n: max(n, 1))
+    options = engine_options(args, vocab, run_switch=True)
+    one_rank = SwitchKDEngine(*pair, options)
+    ranks = SwitchKDEngine(*pair, options, agree_chunks=lambda n: max(n, 1))
     assert_placeholder_goes_through(*pair)
     modules = [module for adapter in pair for module in (adapter.vision_module, adapter.connector)]
     calls = dict.fromkeys(range(len(modules)), 0)

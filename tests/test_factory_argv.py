@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from switchkd_plugin.factory_train import check_quantized_recipe
+from switchkd_plugin.integrations.tinyllava.train import check_quantized_recipe
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")

@@ -20,7 +20,7 @@ from packaging.version import Version
 from transformers import modeling_utils, pytorch_utils
 from transformers import trainer as transformers_trainer
 
-from switchkd_plugin import factory_compat
+from switchkd_plugin.integrations.tinyllava import compat as factory_compat
 from switchkd_plugin.testing import make_batch
 
 TRANSFORMERS = Version(transformers.__version__)

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import transformers
 
-from switchkd_plugin import factory_patch
-from switchkd_plugin.factory_patch import (
+from switchkd_plugin.integrations.tinyllava import patch as factory_patch
+from switchkd_plugin.integrations.tinyllava.patch import (
     EXIT_CONFLICT,
     EXIT_OK,
     EXIT_UNPATCHED,
@@ -102,7 +102,7 @@ def strategy_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
             import json
             import sys
 
-            from switchkd_plugin.factory_compat import install
+            from switchkd_plugin.integrations.tinyllava.compat import install
 
             FACTORY_IMPORTED_FIRST = "tinyllava" in sys.modules
             install()

@@ -19,14 +19,14 @@ import torch
 from test_trainer_dp import OLD_ZERO3
 
 from switchkd_plugin.demo import ShapesTaskConfig, write_llava_dataset
-from switchkd_plugin.factory_patch import main as patch_command
+from switchkd_plugin.integrations.tinyllava.patch import main as patch_command
 from switchkd_plugin.testing import (
     build_tinyllava,
     student_spec,
     teacher_spec,
     write_tinyllava_components,
 )
-from switchkd_plugin.trainer import ZERO3_EVAL_BACKWARD_DEEPSPEED
+from switchkd_plugin.training.distributed import ZERO3_EVAL_BACKWARD_DEEPSPEED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,13 @@ def _train(
                  "--teacher_model_path", str(ws["teacher"])]  # fmt: skip
         attention = "flash_attention_2"
     else:
-        entry = ["-m", "switchkd_plugin.factory_run", "tinyllava.train.train", "--distill", "none"]
+        entry = [
+            "-m",
+            "switchkd_plugin.integrations.tinyllava.run",
+            "tinyllava.train.train",
+            "--distill",
+            "none",
+        ]
         attention = "sdpa"
     args = [
         "--data_path", str(ws["data"]), "--image_folder", str(ws["images"]),
@@ -223,7 +229,7 @@ def _check_loads_as_a_merged_teacher(checkpoint: Path) -> None:
     from tinyllava.model import TinyLlavaForConditionalGeneration
     from tinyllava.model.load_model import load_pretrained_model
 
-    from switchkd_plugin.teacher import load_teacher
+    from switchkd_plugin.training.teacher import load_teacher
 
     ours = load_teacher(str(checkpoint), TinyLlavaForConditionalGeneration, torch.float16, "eager")
     factory = load_pretrained_model(str(checkpoint), device="cpu")[0].state_dict()
@@ -300,7 +306,7 @@ def test_factory_eval_modules_run_through_the_fixing_runner(factory):
     """The eval modules that scripts/eval/*.sh start with `python -m` import on this Python."""
     pytest.importorskip("shortuuid", reason="the Factory's eval modules need shortuuid")
     env = {**os.environ, "PYTHONPATH": str(factory), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "switchkd_plugin.factory_run",
+    command = [sys.executable, "-m", "switchkd_plugin.integrations.tinyllava.run",
                "tinyllava.eval.model_vqa_pope", "--help"]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -14,9 +14,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from tensor_close import assert_close, assert_same_gradients
 from test_engine import assert_text_only_rank_runs_the_image_ranks_calls
-from test_trainer import _trainer, assert_same_step
 from test_trainer_dp import HAS_DEEPSPEED, _run
 from torch import Tensor, nn
 
@@ -29,7 +27,7 @@ from switchkd_plugin.adapters import (
     adapter_for,
 )
 from switchkd_plugin.config import SwitchKDArguments
-from switchkd_plugin.engine import SwitchKDEngine
+from switchkd_plugin.objective.engine import SwitchKDEngine
 from switchkd_plugin.testing import IGNORE_INDEX, student_spec, teacher_spec
 from switchkd_plugin.testing.families import (
     FAMILIES,
@@ -38,6 +36,9 @@ from switchkd_plugin.testing.families import (
     family_skip_reason,
     make_family_batch,
 )
+from switchkd_plugin.testing.tensor_close import assert_close, assert_same_gradients
+from switchkd_plugin.testing.trainer import assert_same_step, make_trainer
+from switchkd_plugin.training.setup import engine_options
 
 ADAPTER_OF = {
     "llava_onevision": LlavaOnevisionAdapter,
@@ -131,7 +132,11 @@ def test_text_only_batch_is_the_hosts_with_no_switch_pass(family: str) -> None:
     batch = make_family_batch(family, student, tokenizer, n=3, seed=2, text_only=True)
     assert "pixel_values" not in batch
     args = SwitchKDArguments(distill="switchkd", teacher_model_path="unused")
-    engine = SwitchKDEngine(adapter_for(student), adapter_for(teacher), args, len(tokenizer), True)
+    engine = SwitchKDEngine(
+        adapter_for(student),
+        adapter_for(teacher),
+        engine_options(args, len(tokenizer), run_switch=True),
+    )
     calls: list[int] = []
     hook = engine.teacher.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
@@ -272,7 +277,7 @@ def test_vsd_alone_moves_only_the_student_vision_side(
     tokenizer = _tokenizer(family)
     batch = make_family_batch(family, student, tokenizer, n=2, seed=3)
     student_before, teacher_before = _state(student), _state(teacher)
-    trainer = _trainer(
+    trainer = make_trainer(
         student,
         tokenizer,
         [batch],
@@ -313,7 +318,7 @@ def test_padded_lm_heads_distil_the_shared_vocabulary(family: str, tmp_path, cap
     batch = make_family_batch(family, student, tokenizer, n=2, seed=5)
     with caplog.at_level(logging.WARNING, logger="switchkd_plugin"):
         # a bf16 teacher: the switch carries fp32 student features into it
-        trainer = _trainer(
+        trainer = make_trainer(
             student, tokenizer, [batch], tmp_path, teacher=teacher, teacher_dtype="bfloat16"
         )
     assert f"shared tokenizer vocabulary of {vocab} tokens" in caplog.text
@@ -336,11 +341,11 @@ def test_a_different_vision_encoder_is_refused_with_the_field_and_the_fix(
     teacher = copy.deepcopy(_model(family, "teacher"))
     tokenizer = _tokenizer(family)
     with pytest.raises(ValueError) as excinfo:
-        _trainer(student, tokenizer, [], tmp_path, teacher=teacher)
+        make_trainer(student, tokenizer, [], tmp_path, teacher=teacher)
     message = str(excinfo.value)
     assert "vision_config.num_hidden_layers is 2" in message and "teacher's is 3" in message
     assert "family line" in message and "--w_vsd 0" in message
-    trainer = _trainer(student, tokenizer, [], tmp_path, teacher=teacher, w_vsd=0.0)
+    trainer = make_trainer(student, tokenizer, [], tmp_path, teacher=teacher, w_vsd=0.0)
     assert not trainer._engine.run_switch
 
 
@@ -352,7 +357,7 @@ def test_teacher_loads_from_its_directory_with_the_students_class(family: str, t
     teacher.save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
     batch = make_family_batch(family, student, tokenizer, n=2, seed=6)
-    trainer = _trainer(
+    trainer = make_trainer(
         student, tokenizer, [batch], tmp_path / "run", teacher_model_path=str(tmp_path / "teacher")
     )
     loaded = trainer.teacher

@@ -15,21 +15,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from tensor_close import assert_close, assert_same_gradients
 from test_engine import (
     assert_sum_of_samples_alone,
     assert_text_only_rank_runs_the_image_ranks_calls,
 )
-from test_trainer import _trainer, assert_same_step
 from test_trainer_dp import HAS_DEEPSPEED, OLD_ZERO3, _run
 from torch import Tensor, nn
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.config import SwitchKDArguments
-from switchkd_plugin.engine import SwitchKDEngine
 from switchkd_plugin.losses import dbild_loss
+from switchkd_plugin.objective.engine import SwitchKDEngine
 from switchkd_plugin.testing import IGNORE_INDEX, student_spec, teacher_spec
 from switchkd_plugin.testing import qwen_vl as qwen
+from switchkd_plugin.testing.tensor_close import assert_close, assert_same_gradients
+from switchkd_plugin.testing.trainer import assert_same_step, make_trainer
+from switchkd_plugin.training.setup import engine_options
 
 HOST_CLASSES = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
@@ -164,7 +165,7 @@ def test_a_shared_vit_makes_the_switch_the_teacher(family, tokenizer):
         switched = t.decode(t.pathway_inputs(batch, t.project(s.vision_features(batch))))
     assert_close(switched, own, terms=HIDDEN, name="switch vs teacher states")
     args = SwitchKDArguments(distill="switchkd", teacher_model_path="unused", w_ce=0.0)
-    terms = SwitchKDEngine(s, t, args, len(tokenizer), True)(batch)
+    terms = SwitchKDEngine(s, t, engine_options(args, len(tokenizer), run_switch=True))(batch)
     assert abs(terms.vsd.item()) < 1e-6 < terms.align.item()
 
 
@@ -223,7 +224,9 @@ def test_engine_equals_the_hosts_three_pathways(pair, family, tokenizer, switch_
         temperature=tau,
         switch_point=switch_point,
     )
-    engine = SwitchKDEngine(adapter_for(student), adapter_for(teacher), args, vocab, True)
+    engine = SwitchKDEngine(
+        adapter_for(student), adapter_for(teacher), engine_options(args, vocab, run_switch=True)
+    )
     student.zero_grad()
     terms = engine(batch)
     terms.loss.backward()
@@ -260,7 +263,11 @@ def test_text_only_samples_equal_the_per_sample_reference(pair, tokenizer, text_
     args = SwitchKDArguments(
         distill="switchkd", teacher_model_path="unused", w_align=0.5, w_vsd=2.0
     )
-    engine = SwitchKDEngine(adapter_for(student), adapter_for(teacher), args, len(tokenizer), True)
+    engine = SwitchKDEngine(
+        adapter_for(student),
+        adapter_for(teacher),
+        engine_options(args, len(tokenizer), run_switch=True),
+    )
     decoder_batches: list[int] = []
     hook = engine.teacher.decoder.register_forward_pre_hook(
         lambda module, args, kwargs: decoder_batches.append(kwargs["inputs_embeds"].shape[0]),
@@ -292,7 +299,7 @@ def test_vsd_step_moves_only_the_student_vit_and_never_the_teacher(pair, tokeniz
     before_student = copy.deepcopy(student.state_dict())
     before_teacher = copy.deepcopy(teacher.state_dict())
     batch = qwen.make_qwen_vl_batch(tokenizer, n=2, seed=3)
-    trainer = _trainer(
+    trainer = make_trainer(
         student, tokenizer, [batch], tmp_path, teacher=teacher, w_ce=0.0, w_align=0.0
     )
     trainer.train()
@@ -318,9 +325,9 @@ def test_different_vision_encoders_are_refused_naming_the_field(
     vision = qwen.QwenVisionSpec(**change)
     teacher = qwen.build_qwen_vl(family, teacher_spec(), tokenizer, vision)
     with pytest.raises(ValueError, match=rf"vision_config\.{field}.*--w_vsd 0"):
-        _trainer(student, tokenizer, [], tmp_path, teacher=teacher)
+        make_trainer(student, tokenizer, [], tmp_path, teacher=teacher)
     # without the switch the same pair distils (align only)
-    trainer = _trainer(student, tokenizer, [], tmp_path, teacher=teacher, w_vsd=0.0)
+    trainer = make_trainer(student, tokenizer, [], tmp_path, teacher=teacher, w_vsd=0.0)
     assert trainer._engine.run_align and not trainer._engine.run_switch
 
 
@@ -344,12 +351,12 @@ def test_a_teacher_of_another_model_type_is_refused_before_loading(
     )
     logs = caplog.at_level(logging.INFO, logger="switchkd_plugin")
     with logs, pytest.raises(ValueError) as refused:
-        _trainer(student, tokenizer, [], tmp_path / "run", teacher_model_path=str(saved),
+        make_trainer(student, tokenizer, [], tmp_path / "run", teacher_model_path=str(saved),
                  w_vsd=w_vsd)  # fmt: skip
     assert str(refused.value).startswith(f"the teacher at {saved} {types}"), refused.value
     assert "loading the teacher" not in caplog.text  # refused before from_pretrained
     with pytest.raises(ValueError, match=rf"^the teacher_model {re.escape(types)}"):
-        _trainer(student, tokenizer, [], tmp_path / "run", teacher=teacher, w_vsd=w_vsd)
+        make_trainer(student, tokenizer, [], tmp_path / "run", teacher=teacher, w_vsd=w_vsd)
 
 
 def test_batch_problems_are_named(pair, tokenizer):
@@ -382,7 +389,7 @@ def test_padded_lm_heads_over_one_tokenizer_distil_the_shared_vocabulary(
     assert len(tokenizer) < rows[0] < rows[1]
     batch = qwen.make_qwen_vl_batch(tokenizer, n=2)
     with caplog.at_level(logging.WARNING, logger="switchkd_plugin"):
-        trainer = _trainer(student, tokenizer, [batch], tmp_path, teacher=teacher.eval())
+        trainer = make_trainer(student, tokenizer, [batch], tmp_path, teacher=teacher.eval())
     assert f"shared tokenizer vocabulary of {len(tokenizer)} tokens" in caplog.text
     assert trainer._engine.vocab == len(tokenizer)
     trainer.train()
@@ -418,7 +425,9 @@ def test_teacher_gradient_checkpointing_keeps_the_deepstack_gradient(pair, token
         )
         student.zero_grad()
         engine = SwitchKDEngine(
-            adapter_for(student), adapter_for(teacher), args, len(tokenizer), True
+            adapter_for(student),
+            adapter_for(teacher),
+            engine_options(args, len(tokenizer), run_switch=True),
         )
         engine(batch).loss.backward()
         results.append({name: _grads(student)[name] for name in _vit_names(student)})

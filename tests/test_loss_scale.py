@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
-from tensor_close import assert_close
 
-from switchkd_plugin.loss_scale import BackwardRouter, backward_divisor
+from switchkd_plugin.testing.tensor_close import assert_close
+from switchkd_plugin.training.loss_scale import BackwardRouter, backward_divisor
 
 
 @pytest.mark.parametrize("steps", [1, 3])

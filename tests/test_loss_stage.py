@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tensor_close import assert_close
 from torch import nn
 
-from switchkd_plugin.loss_stage import chunked_loss
+from switchkd_plugin.objective.loss_stage import chunked_loss
+from switchkd_plugin.testing.tensor_close import assert_close
 
 N, H_S, H_T, V = 13, 8, 12, 40
 

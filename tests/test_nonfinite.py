@@ -9,10 +9,10 @@ import logging
 import pytest
 import torch
 import transformers
-from test_trainer import InOrder, _trainer
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.testing import IGNORE_INDEX, make_host_batch
+from switchkd_plugin.testing.trainer import InOrderTrainer, make_trainer
 
 
 def _poisoned(student, tokenizer, seed: int) -> dict:
@@ -32,7 +32,7 @@ def test_ce_only_run_stops_on_a_nan_input_naming_the_side_and_the_input(
 ):
     student, _ = models
     key = adapter_for(student).images_key
-    trainer = _trainer(
+    trainer = make_trainer(
         copy.deepcopy(student), tiny_tokenizer, [_poisoned(student, tiny_tokenizer, 0)],
         tmp_path, w_align=0.0, w_vsd=0.0,
     )  # fmt: skip
@@ -48,7 +48,7 @@ def test_ce_only_run_stops_on_a_nan_input_naming_the_side_and_the_input(
 def test_a_nan_teacher_is_named_with_the_terms_it_breaks(models, tiny_tokenizer, tmp_path):
     student, teacher = models
     next(adapter_for(teacher).connector.parameters()).data.view(-1)[0] = float("nan")
-    trainer = _trainer(
+    trainer = make_trainer(
         copy.deepcopy(student), tiny_tokenizer, [make_host_batch(student, tiny_tokenizer, n=2)],
         tmp_path, teacher=teacher,
     )  # fmt: skip
@@ -72,7 +72,7 @@ def test_skip_drops_the_batch_with_exactly_zero_gradient_and_counts_it(
     empty["labels"] = torch.full_like(empty["labels"], IGNORE_INDEX)
     runs = {}
     for name, middle in (("skip", _poisoned(student, tiny_tokenizer, 3)), ("reference", empty)):
-        trainer = _trainer(
+        trainer = make_trainer(
             copy.deepcopy(student), tiny_tokenizer, [good[0], middle, good[1]], tmp_path,
             teacher=teacher, nonfinite="skip", training={"max_steps": 3},
         )  # fmt: skip
@@ -90,7 +90,7 @@ def test_skip_drops_the_batch_with_exactly_zero_gradient_and_counts_it(
 
 def test_skip_stops_after_the_given_number_in_a_row(hf_student, tiny_tokenizer, tmp_path):
     batches = [_poisoned(hf_student, tiny_tokenizer, seed) for seed in range(4)]
-    trainer = _trainer(
+    trainer = make_trainer(
         copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path, w_align=0.0, w_vsd=0.0,
         nonfinite="skip", nonfinite_max_in_a_row=3, training={"max_steps": 4},
     )  # fmt: skip
@@ -128,9 +128,9 @@ def test_a_window_of_skipped_micro_batches_makes_no_adamw_step(
     nan = [_poisoned(hf_student, tiny_tokenizer, seed) for seed in range(3, 6)]
     # Windows of 2: both finite, both NaN (no step), one NaN and one finite (a step on it).
     batches = [good[0], good[1], nan[0], nan[1], nan[2], good[2]]
-    trainer = _trainer(
+    trainer = make_trainer(
         copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path, w_align=0.0, w_vsd=0.0,
-        trainer_class=InOrder, nonfinite="skip", training={
+        trainer_class=InOrderTrainer, nonfinite="skip", training={
             "max_steps": 3, "gradient_accumulation_steps": 2, "optim": "adamw_torch",
             "weight_decay": 0.1, "learning_rate": 1e-2, "lr_scheduler_type": "linear",
         },

@@ -12,10 +12,10 @@ import json
 
 import pytest
 import torch
-from test_trainer import _trainer, assert_same_step
 
-from switchkd_plugin.teacher import load_teacher
 from switchkd_plugin.testing import make_host_batch
+from switchkd_plugin.testing.trainer import assert_same_step, make_trainer
+from switchkd_plugin.training.teacher import load_teacher
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[peft]')")
 
@@ -55,14 +55,14 @@ def test_peft_student_takes_the_merged_models_step(
     batches = [make_host_batch(hf_student, tiny_tokenizer, n=3, seed=0)]
     torch.manual_seed(0)  # random A and B: the merged weights differ from the base
     config = _lora_config(init_lora_weights=False)
-    trainer = _trainer(copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path / "peft",
+    trainer = make_trainer(copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path / "peft",
                        teacher=hf_teacher, peft_config=config)  # fmt: skip
     student = trainer.model
     assert isinstance(student, peft.PeftModel)
     merged = copy.deepcopy(student).merge_and_unload().requires_grad_(True)
     before, merged_before = _state(student), _state(merged)
     trainer.train()
-    _trainer(merged, tiny_tokenizer, batches, tmp_path / "merged", teacher=hf_teacher).train()
+    make_trainer(merged, tiny_tokenizer, batches, tmp_path / "merged", teacher=hf_teacher).train()
     after, merged_after = _state(student), _state(merged)
 
     layers = _lora_layers(before)
@@ -88,7 +88,7 @@ def test_gradient_checkpointing_gives_the_same_lora_step(
     states = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        trainer = _trainer(copy.deepcopy(hf_student), tiny_tokenizer, batches,
+        trainer = make_trainer(copy.deepcopy(hf_student), tiny_tokenizer, batches,
                            tmp_path / str(checkpointing), teacher=hf_teacher,
                            peft_config=_lora_config(init_lora_weights=False),
                            training={"gradient_checkpointing": checkpointing})  # fmt: skip
@@ -105,7 +105,7 @@ def test_vsd_alone_moves_only_the_vision_encoders_lora_weights(
     student = peft.get_peft_model(copy.deepcopy(hf_student), _lora_config())  # a PeftModel
     batches = [make_host_batch(hf_student, tiny_tokenizer, n=2, seed=1)]
     before = _state(student)
-    _trainer(student, tiny_tokenizer, batches, tmp_path, teacher=hf_teacher, w_ce=0.0,
+    make_trainer(student, tiny_tokenizer, batches, tmp_path, teacher=hf_teacher, w_ce=0.0,
              w_align=0.0).train()  # fmt: skip
     moved = {
         name for name, value in _state(student).items() if not torch.equal(value, before[name])
@@ -119,7 +119,7 @@ def test_peft_config_with_a_peft_model_is_refused(hf_student, hf_teacher, tiny_t
     student = peft.get_peft_model(copy.deepcopy(hf_student), _lora_config())
     batches = [make_host_batch(hf_student, tiny_tokenizer, n=2)]
     with pytest.raises(ValueError, match="already a PeftModel"):
-        _trainer(student, tiny_tokenizer, batches, tmp_path, teacher=hf_teacher,
+        make_trainer(student, tiny_tokenizer, batches, tmp_path, teacher=hf_teacher,
                  peft_config=_lora_config())  # fmt: skip
 
 
@@ -146,7 +146,7 @@ def test_hf_lora_teacher_directory_loads_merged(hf_student, hf_teacher, tiny_tok
             weight = weight + SCALE * b @ a
         torch.testing.assert_close(merged[name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
-    trainer = _trainer(copy.deepcopy(hf_student), tiny_tokenizer,
+    trainer = make_trainer(copy.deepcopy(hf_student), tiny_tokenizer,
                        [make_host_batch(hf_student, tiny_tokenizer)], tmp_path / "run",
                        teacher_model_path=str(adapter_dir))  # fmt: skip
     for name, value in trainer.teacher.state_dict().items():
@@ -172,7 +172,7 @@ def test_hf_lora_teacher_over_a_missing_base_names_its_adapter_config(
     fields = json.loads(adapter_config.read_text())
     adapter_config.write_text(json.dumps({**fields, "base_model_name_or_path": "/nonexistent/b"}))
     with pytest.raises(FileNotFoundError) as refused:
-        _trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path / "run",
+        make_trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path / "run",
                  teacher_model_path=str(adapter_dir))  # fmt: skip
     message = str(refused.value)
     assert message.startswith(f"--teacher_model_path {adapter_dir} holds LoRA adapters"), message

@@ -10,11 +10,11 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_trainer import _trainer
 
 import switchkd_plugin
-from switchkd_plugin.resume import SETTINGS_FILE
 from switchkd_plugin.testing import make_host_batch
+from switchkd_plugin.testing.trainer import make_trainer
+from switchkd_plugin.training.resume import SETTINGS_FILE
 
 STEPS, SAVE_AT = 8, 4
 # AdamW state, a schedule that changes every step and accumulation: everything resume restores.
@@ -30,7 +30,7 @@ TRAINING = {
 
 
 def _run(student, teacher, tokenizer, batches, out, resume=None, **switchkd):
-    trainer = _trainer(
+    trainer = make_trainer(
         copy.deepcopy(student),
         tokenizer,
         batches,
@@ -82,7 +82,7 @@ def test_a_checkpoint_that_cannot_restore_every_weight_is_refused(
 ):
     batches = [make_host_batch(hf_student, tiny_tokenizer, n=2, seed=s) for s in range(8)]
     training = {**TRAINING, "max_steps": 2, "save_steps": 1, "gradient_accumulation_steps": 1}
-    _trainer(
+    make_trainer(
         copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path, distill="none",
         training=training,
     ).train()  # fmt: skip
@@ -91,7 +91,7 @@ def test_a_checkpoint_that_cannot_restore_every_weight_is_refused(
     lost = next(key for key in tensors if "embed_tokens" in key)
     tensors["renamed_by_hand.weight"] = tensors.pop(lost)
     save_file(tensors, str(weights), metadata={"format": "pt"})
-    trainer = _trainer(
+    trainer = make_trainer(
         copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path, distill="none",
         training=training,
     )  # fmt: skip
@@ -118,7 +118,7 @@ def test_resuming_never_unpickles_training_args_and_says_the_settings_were_not_c
 ):
     student, teacher = models
     batches = [make_host_batch(student, tiny_tokenizer, n=2, seed=s) for s in range(2)]
-    first = _trainer(
+    first = make_trainer(
         copy.deepcopy(student), tiny_tokenizer, batches, tmp_path / "a", distill=distill,
         teacher=None if distill == "none" else teacher, training=SHORT,
     )  # fmt: skip
@@ -130,11 +130,11 @@ def test_resuming_never_unpickles_training_args_and_says_the_settings_were_not_c
     torch.load(checkpoint / "training_args.bin", weights_only=False)
     assert marker.exists(), "the trap does not work: this test would prove nothing"
     marker.unlink()
-    trainer = _trainer(
+    trainer = make_trainer(
         copy.deepcopy(student), tiny_tokenizer, batches, tmp_path / "b", distill=distill,
         teacher=None if distill == "none" else teacher, training=SHORT,
     )  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="switchkd_plugin.resume"):
+    with caplog.at_level(logging.WARNING, logger="switchkd_plugin.training.resume"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert not marker.exists()
     assert trainer.state.global_step == 2
@@ -148,7 +148,7 @@ def test_settings_passed_as_switchkd_args_are_saved_as_json_and_checked(
     batches = [make_host_batch(student, tiny_tokenizer, n=2, seed=s) for s in range(2)]
 
     def run(out, resume=None, **switchkd):
-        trainer = _trainer(
+        trainer = make_trainer(
             copy.deepcopy(student), tiny_tokenizer, batches, out, teacher=teacher,
             training=SHORT, **switchkd,
         )  # fmt: skip

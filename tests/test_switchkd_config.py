@@ -10,12 +10,13 @@ import re
 
 import pytest
 import transformers
-from test_trainer import TOKENIZER_KWARG, _Batches, _only
 from transformers.trainer_utils import SchedulerType
 
 from switchkd_plugin import SwitchKDArguments, SwitchKDConfig, SwitchKDTrainer
-from switchkd_plugin.resume import SETTINGS_FILE
+from switchkd_plugin.constants import TOKENIZER_KWARG
 from switchkd_plugin.testing import make_host_batch
+from switchkd_plugin.testing.trainer import Batches, first_item
+from switchkd_plugin.training.resume import SETTINGS_FILE
 
 SAVE_AT = 2
 
@@ -45,12 +46,12 @@ def _parse(out, *flags: str) -> SwitchKDConfig:
     return config
 
 
-def _trainer(student, teacher, tokenizer, batches, config: SwitchKDConfig) -> SwitchKDTrainer:
+def make_trainer(student, teacher, tokenizer, batches, config: SwitchKDConfig) -> SwitchKDTrainer:
     return SwitchKDTrainer(
         model=copy.deepcopy(student),
         args=config,
-        train_dataset=_Batches(batches),
-        data_collator=_only,
+        train_dataset=Batches(batches),
+        data_collator=first_item,
         teacher_model=teacher,
         teacher_tokenizer=tokenizer,
         **{TOKENIZER_KWARG: tokenizer},
@@ -61,14 +62,14 @@ def _trainer(student, teacher, tokenizer, batches, config: SwitchKDConfig) -> Sw
 def checkpointed(hf_student, hf_teacher, tiny_tokenizer, tmp_path):
     """A 2-step run from a parsed command line; (its checkpoint, a resume under new flags)."""
     batches = [make_host_batch(hf_student, tiny_tokenizer, n=2, seed=s) for s in range(4)]
-    first = _trainer(hf_student, hf_teacher, tiny_tokenizer, batches, _parse(tmp_path / "a"))
+    first = make_trainer(hf_student, hf_teacher, tiny_tokenizer, batches, _parse(tmp_path / "a"))
     first.train()
     checkpoint = tmp_path / "a" / f"checkpoint-{SAVE_AT}"
 
     def resume(*flags: str, last_in_output_dir: bool = False) -> SwitchKDTrainer:
         out = tmp_path / ("a" if last_in_output_dir else "b")
         config = _parse(out, "--max_steps", str(SAVE_AT + 1), *flags)
-        trainer = _trainer(hf_student, hf_teacher, tiny_tokenizer, batches, config)
+        trainer = make_trainer(hf_student, hf_teacher, tiny_tokenizer, batches, config)
         trainer.train(resume_from_checkpoint=True if last_in_output_dir else str(checkpoint))
         return trainer
 
@@ -129,7 +130,7 @@ def test_resuming_the_last_checkpoint_of_output_dir_is_checked_too(checkpointed)
 
 def test_a_safe_change_resumes_and_says_why(checkpointed, caplog):
     _, resume = checkpointed
-    with caplog.at_level(logging.WARNING, logger="switchkd_plugin.resume"):
+    with caplog.at_level(logging.WARNING, logger="switchkd_plugin.training.resume"):
         trainer = resume("--lm_head_chunk_size", "3")
     assert trainer.state.global_step == SAVE_AT + 1
     assert "--lm_head_chunk_size 3 (saved: 1024), safe to change: memory" in caplog.text

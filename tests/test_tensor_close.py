@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tensor_close import assert_close
+
+from switchkd_plugin.testing.tensor_close import assert_close
 
 
 def test_summation_order_noise_passes_and_a_real_difference_names_the_worst_element():

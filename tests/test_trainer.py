@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import os
@@ -12,11 +11,10 @@ import re
 import pytest
 import torch
 import transformers
-from tensor_close import assert_close, parameter_scale
-from torch.utils.data import Dataset, SequentialSampler
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.config import SwitchKDArguments
+from switchkd_plugin.constants import TOKENIZER_KWARG
 from switchkd_plugin.testing import (
     IGNORE_INDEX,
     build_hf_llava,
@@ -25,128 +23,23 @@ from switchkd_plugin.testing import (
     student_spec,
     teacher_spec,
 )
-from switchkd_plugin.trainer import SwitchKDTrainer, SwitchKDTrainerMixin, switchkd_trainer_class
-
-TOKENIZER_KWARG = (
-    "processing_class"
-    if "processing_class" in inspect.signature(transformers.Trainer.__init__).parameters
-    else "tokenizer"
+from switchkd_plugin.testing.tensor_close import assert_close
+from switchkd_plugin.testing.trainer import (
+    Batches,
+    assert_same_step,
+    make_trainer,
+    split_batch,
+    training_args,
 )
-
-
-class _Batches(Dataset):
-    """Pre-collated batches served one per step (per_device_train_batch_size=1)."""
-
-    def __init__(self, batches: list[dict]) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> dict:
-        return {key: value.clone() for key, value in self.batches[index].items()}
-
-
-class InOrder(SwitchKDTrainer):
-    """Micro-batches in dataset order (split over ranks in turn): each accumulation window, and
-    each step's share of the ranks, is the one a test built."""
-
-    def _get_train_sampler(self, *args, **kwargs):
-        return SequentialSampler(self.train_dataset)
-
-
-def _only(items: list[dict]) -> dict:
-    return items[0]
-
-
-def _training_args(tmp_path, **overrides) -> transformers.TrainingArguments:
-    options = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=1,
-        max_steps=1,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        remove_unused_columns=False,
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    options.update(overrides)
-    return transformers.TrainingArguments(**options)
-
-
-def _trainer(
-    student,
-    tokenizer,
-    batches,
-    tmp_path,
-    teacher=None,
-    trainer_class=SwitchKDTrainer,
-    training=None,
-    peft_config=None,
-    **switchkd,
-):
-    kwargs = dict(
-        model=student,
-        args=_training_args(tmp_path, **(training or {})),
-        train_dataset=_Batches(batches),
-        data_collator=_only,
-        **{TOKENIZER_KWARG: tokenizer},
-    )
-    if issubclass(trainer_class, SwitchKDTrainerMixin):
-        switchkd.setdefault("distill", "switchkd")
-        if switchkd["distill"] == "switchkd":
-            switchkd.setdefault("teacher_model_path", "given-as-object")
-        kwargs.update(switchkd_args=SwitchKDArguments(**switchkd), teacher_model=teacher)
-        if teacher is not None:
-            kwargs["teacher_tokenizer"] = tokenizer
-    if peft_config is not None:
-        kwargs["peft_config"] = peft_config
-    return trainer_class(**kwargs)
-
-
-def _split(batch: dict, sizes: tuple[int, ...]) -> list[dict]:
-    """Micro-batches of a collated batch (right padding: extra pad columns change nothing)."""
-    out, start = [], 0
-    for size in sizes:
-        out.append({key: value[start : start + size] for key, value in batch.items()})
-        start += size
-    return out
+from switchkd_plugin.training.trainer import (
+    SwitchKDTrainer,
+    switchkd_trainer_class,
+)
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert_close(x, y, slack=0, name=name)
-
-
-# Positions one test step sums its gradients over: a few hundred; this bounds them.
-STEP_TERMS = 1024
-
-
-def assert_same_step(after: dict, expected_after: dict, before: dict) -> None:
-    """Two optimizer steps from `before` moved every parameter the same way, to float32
-    rounding: that of the gradient sums (relative to the step's size) plus one rounding of
-    the weight the step was added to. A normaliser off by one token in 40 is off by 2.5e-2
-    of the step, hundreds of times this. All three are state dicts."""
-    steps = {name: expected_after[name] - start for name, start in before.items()}
-    moved = False
-    for name, start in before.items():
-        moved |= bool(steps[name].abs().max() > 1e-6)
-        assert_close(
-            after[name],
-            expected_after[name],
-            terms=STEP_TERMS,
-            scale=parameter_scale(name, steps),
-            extra=torch.finfo(start.dtype).eps * float(expected_after[name].abs().max()),
-            name=name,
-        )
-    assert moved
 
 
 def _assert_same_update(a: torch.nn.Module, b: torch.nn.Module, start: torch.nn.Module) -> None:
@@ -160,7 +53,7 @@ def test_distill_none_and_zero_weights_train_exactly_like_plain_sft(
     batches = [make_host_batch(student, tiny_tokenizer, n=3, seed=seed) for seed in range(2)]
     plain = copy.deepcopy(student)
     training = {"max_steps": 2}
-    _trainer(
+    make_trainer(
         plain,
         tiny_tokenizer,
         batches,
@@ -168,13 +61,13 @@ def test_distill_none_and_zero_weights_train_exactly_like_plain_sft(
         trainer_class=transformers.Trainer,
         training=training,
     ).train()
-    none = _trainer(
+    none = make_trainer(
         copy.deepcopy(student), tiny_tokenizer, batches, tmp_path, distill="none", training=training
     )
     assert none.teacher is None
     none.train()
     _assert_same_weights(none.model, plain)
-    zero = _trainer(
+    zero = make_trainer(
         copy.deepcopy(student),
         tiny_tokenizer,
         batches,
@@ -196,14 +89,14 @@ def test_gradient_accumulation_averages_over_the_whole_window(
     """One step over micro-batches of different token counts == one step over their union."""
     student, teacher = models
     batch = make_host_batch(student, tiny_tokenizer, n=4, seed=7)
-    micro = _split(batch, sizes)
+    micro = split_batch(batch, sizes)
     counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
     assert counts[0] != counts[1]  # a mean of micro-batch means would be wrong here
     # Train each trainer right after building it: accelerate keeps the accumulation steps in a
     # process-wide singleton, so a second Trainer's setting would leak into the first.
-    whole = _trainer(copy.deepcopy(student), tiny_tokenizer, [batch], tmp_path, teacher=teacher)
+    whole = make_trainer(copy.deepcopy(student), tiny_tokenizer, [batch], tmp_path, teacher=teacher)
     whole.train()
-    accumulated = _trainer(
+    accumulated = make_trainer(
         copy.deepcopy(student),
         tiny_tokenizer,
         micro,
@@ -236,7 +129,7 @@ def test_a_host_that_bypasses_accelerate_backward_is_refused_before_a_step(
 ):
     student = copy.deepcopy(hf_student).train()
     batches = [make_host_batch(student, tiny_tokenizer, n=2, seed=3)]
-    trainer = _trainer(
+    trainer = make_trainer(
         student,
         tiny_tokenizer,
         batches,
@@ -255,7 +148,7 @@ def test_teacher_stays_frozen_outside_model_optimizer_and_checkpoint(
     student, teacher = models
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     batches = [make_host_batch(student, tiny_tokenizer, n=2, seed=s) for s in range(3)]
-    trainer = _trainer(
+    trainer = make_trainer(
         student,
         tiny_tokenizer,
         batches,
@@ -283,7 +176,7 @@ def test_short_run_lowers_every_term_and_logs_them(models, tiny_tokenizer, tmp_p
     # A random teacher has flat logits that a learning student moves away from: give it a few
     # SFT steps on the same data first, as a real teacher would have had.
     teacher.requires_grad_(True).train()
-    _trainer(
+    make_trainer(
         teacher,
         tiny_tokenizer,
         batches,
@@ -292,7 +185,7 @@ def test_short_run_lowers_every_term_and_logs_them(models, tiny_tokenizer, tmp_p
         training={"max_steps": 30, **adam},
     ).train()
     teacher.requires_grad_(False).eval()
-    trainer = _trainer(
+    trainer = make_trainer(
         student,
         tiny_tokenizer,
         batches,
@@ -327,7 +220,7 @@ def test_batch_without_response_tokens_keeps_training(models, tiny_tokenizer, tm
     empty = make_host_batch(student, tiny_tokenizer, n=2, seed=1)
     empty["labels"] = torch.full_like(empty["labels"], IGNORE_INDEX)
     batches = [make_host_batch(student, tiny_tokenizer, n=2, seed=2), empty]
-    trainer = _trainer(
+    trainer = make_trainer(
         student, tiny_tokenizer, batches, tmp_path, teacher=teacher, training={"max_steps": 4}
     )
     trainer.train()
@@ -346,7 +239,7 @@ def test_different_tokenizers_are_refused(hf_student, hf_teacher, tiny_tokenizer
     with pytest.raises(ValueError, match=r"tokenizers differ on \d+ tokens"):
         SwitchKDTrainer(
             model=copy.deepcopy(hf_student),
-            args=_training_args(tmp_path),
+            args=training_args(tmp_path),
             switchkd_args=SwitchKDArguments(distill="switchkd", teacher_model_path="x"),
             teacher_model=copy.deepcopy(hf_teacher),
             teacher_tokenizer=other,
@@ -361,7 +254,7 @@ def test_padded_lm_heads_over_one_tokenizer_distil_the_shared_vocabulary(
     assert adapter_for(teacher).lm_head.weight.shape[0] == 640 > len(tiny_tokenizer)
     batches = [make_host_batch(hf_student, tiny_tokenizer, n=2)]
     with caplog.at_level(logging.WARNING, logger="switchkd_plugin"):
-        trainer = _trainer(
+        trainer = make_trainer(
             copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path, teacher=teacher
         )
     assert "shared tokenizer vocabulary of 600 tokens" in caplog.text
@@ -372,9 +265,9 @@ def test_padded_lm_heads_over_one_tokenizer_distil_the_shared_vocabulary(
 def test_vision_width_mismatch_is_refused(tiny_tokenizer, hf_teacher, tmp_path):
     student = build_hf_llava(student_spec(vision_hidden_size=48), tiny_tokenizer)
     with pytest.raises(ValueError, match=r"output has width 48 .* connector input is 32"):
-        _trainer(student, tiny_tokenizer, [], tmp_path, teacher=copy.deepcopy(hf_teacher))
+        make_trainer(student, tiny_tokenizer, [], tmp_path, teacher=copy.deepcopy(hf_teacher))
     with pytest.raises(ValueError, match=r"--switch_point connector.*width 64.*hidden size is 96"):
-        _trainer(
+        make_trainer(
             build_hf_llava(student_spec(), tiny_tokenizer),
             tiny_tokenizer,
             [],
@@ -389,14 +282,18 @@ def test_teacher_path_is_checked_and_loaded(hf_student, hf_teacher, tiny_tokeniz
     with pytest.raises(ValueError, match=r"needs --teacher_model_path DIR"):
         SwitchKDArguments(distill="switchkd")
     with pytest.raises(FileNotFoundError, match="no such directory"):
-        _trainer(student, tiny_tokenizer, [], tmp_path, teacher_model_path=str(tmp_path / "nope"))
+        make_trainer(
+            student, tiny_tokenizer, [], tmp_path, teacher_model_path=str(tmp_path / "nope")
+        )
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
-        _trainer(student, tiny_tokenizer, [], tmp_path, teacher_model_path=str(tmp_path / "empty"))
+        make_trainer(
+            student, tiny_tokenizer, [], tmp_path, teacher_model_path=str(tmp_path / "empty")
+        )
     saved = tmp_path / "teacher"
     hf_teacher.save_pretrained(str(saved))
     tiny_tokenizer.save_pretrained(str(saved))
-    trainer = _trainer(
+    trainer = make_trainer(
         student,
         tiny_tokenizer,
         [make_host_batch(student, tiny_tokenizer)],
@@ -414,13 +311,13 @@ def test_broken_teacher_directories_say_what_is_wrong(
     saved = tmp_path / "teacher"
     hf_teacher.save_pretrained(str(saved))
     with pytest.raises(FileNotFoundError, match=r"holds no tokenizer files \(none of tokenizer"):
-        _trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path,
+        make_trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path,
                  teacher_model_path=str(saved))  # fmt: skip
     tiny_tokenizer.save_pretrained(str(saved))
     weights = saved / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
     with pytest.raises(ValueError, match=r"teacher.*model\.safetensors is truncated or corrupt"):
-        _trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path,
+        make_trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path,
                  teacher_model_path=str(saved))  # fmt: skip
 
 
@@ -458,7 +355,7 @@ def test_a_teacher_load_that_leaves_a_weight_unmatched_is_refused(
     with pytest.raises(
         ValueError, match=rf"teacher_model_path {saved}: .*{expected}.*partly random.*{release}"
     ):
-        _trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path / "run",
+        make_trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path / "run",
                  teacher_model_path=str(saved))  # fmt: skip
 
 
@@ -466,7 +363,7 @@ def test_k_options_are_checked_against_the_vocabulary_before_training(
     hf_student, hf_teacher, tiny_tokenizer, tmp_path
 ):
     with pytest.raises(ValueError, match="--fixed_k 700 exceeds the distilled vocabulary of 600"):
-        _trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path,
+        make_trainer(copy.deepcopy(hf_student), tiny_tokenizer, [], tmp_path,
                  teacher=copy.deepcopy(hf_teacher), k_mode="fixed", fixed_k=700)  # fmt: skip
 
 
@@ -476,7 +373,7 @@ def test_frozen_student_vision_skips_the_switch_pass(
     student = copy.deepcopy(hf_student)
     adapter_for(student).vision_module.requires_grad_(False)
     with caplog.at_level(logging.WARNING, logger="switchkd_plugin"):
-        trainer = _trainer(
+        trainer = make_trainer(
             student,
             tiny_tokenizer,
             [make_host_batch(student, tiny_tokenizer)],
@@ -494,7 +391,7 @@ def test_bf16_training_keeps_the_losses_in_float32(hf_student, hf_teacher, tiny_
     student = copy.deepcopy(hf_student)
     batches = [make_host_batch(student, tiny_tokenizer, n=2, seed=s) for s in range(2)]
     teacher = copy.deepcopy(hf_teacher)
-    trainer = _trainer(student, tiny_tokenizer, batches, tmp_path, teacher=teacher,
+    trainer = make_trainer(student, tiny_tokenizer, batches, tmp_path, teacher=teacher,
                        training={"bf16": True, "max_steps": 2})  # fmt: skip
     assert next(trainer.teacher.parameters()).dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -521,9 +418,9 @@ def test_data_parallel_and_replicate_without_zero3_are_refused(
     with pytest.raises(
         ValueError, match="--teacher_zero3 replicate applies under DeepSpeed ZeRO-3"
     ):
-        _trainer(copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path,
+        make_trainer(copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path,
                  teacher=copy.deepcopy(hf_teacher), teacher_zero3="replicate")  # fmt: skip
-    args = _training_args(tmp_path)
+    args = training_args(tmp_path)
     args._n_gpu = 2  # what TrainingArguments finds with 2 visible GPUs and no launcher
     with pytest.raises(ValueError, match=r"nn.DataParallel.*torchrun --nproc_per_node N"):
         SwitchKDTrainer(
@@ -539,9 +436,9 @@ def test_data_parallel_and_replicate_without_zero3_are_refused(
 def test_evaluation_reports_the_mean_over_response_tokens(models, tiny_tokenizer, tmp_path):
     student, teacher = models
     batch = make_host_batch(student, tiny_tokenizer, n=3)
-    trainer = _trainer(student, tiny_tokenizer, [batch], tmp_path, teacher=teacher, w_align=0.0,
+    trainer = make_trainer(student, tiny_tokenizer, [batch], tmp_path, teacher=teacher, w_align=0.0,
                        w_vsd=0.0, training={"gradient_accumulation_steps": 4})  # fmt: skip
-    trainer.eval_dataset = _Batches([batch])
+    trainer.eval_dataset = Batches([batch])
     metrics = trainer.evaluate()
     with torch.no_grad():
         expected = student(**batch).loss.item()
@@ -557,9 +454,9 @@ def test_evaluation_reports_token_weighted_term_means(hf_student, hf_teacher, ti
                                                       tmp_path):  # fmt: skip
     student = copy.deepcopy(hf_student).eval()
     batches = [make_host_batch(student, tiny_tokenizer, n=n, seed=n) for n in (1, 3)]
-    trainer = _trainer(student, tiny_tokenizer, batches, tmp_path, teacher=hf_teacher,
+    trainer = make_trainer(student, tiny_tokenizer, batches, tmp_path, teacher=hf_teacher,
                        training={"per_device_eval_batch_size": 1})  # fmt: skip
-    trainer.eval_dataset = _Batches(batches)
+    trainer.eval_dataset = Batches(batches)
     metrics = trainer.evaluate()
     with torch.no_grad():
         terms = [trainer._engine(batch) for batch in batches]
@@ -588,7 +485,7 @@ def test_fsdp_is_refused_at_construction_naming_deepspeed_zero3(
         os.environ["ACCELERATE_USE_FSDP"] = "true"
     batches = [make_host_batch(hf_student, tiny_tokenizer, n=2)]
     with pytest.raises(ValueError, match=r"does not support FSDP yet.*DeepSpeed ZeRO-3"):
-        _trainer(
+        make_trainer(
             copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path, w_align=0.0,
             w_vsd=0.0, training=training,
         )  # fmt: skip
@@ -599,7 +496,7 @@ def test_torch_compile_warns_once_that_it_compiles_nothing_the_engine_runs(
 ):
     batches = [make_host_batch(hf_student, tiny_tokenizer, n=2)]
     with caplog.at_level(logging.WARNING, logger="switchkd_plugin"):
-        _trainer(
+        make_trainer(
             copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path, w_align=0.0,
             w_vsd=0.0, training={"torch_compile": True},
         )  # fmt: skip

@@ -20,10 +20,10 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
-from test_trainer import assert_same_step
 
-from switchkd_plugin.resume import SETTINGS_FILE
-from switchkd_plugin.trainer import ZERO3_EVAL_BACKWARD_DEEPSPEED
+from switchkd_plugin.testing.trainer import assert_same_step
+from switchkd_plugin.training.distributed import ZERO3_EVAL_BACKWARD_DEEPSPEED
+from switchkd_plugin.training.resume import SETTINGS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_dp_worker.py")

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from tensor_close import assert_close
+
+from switchkd_plugin.testing.tensor_close import assert_close
 
 trl = pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.[trl]')")
 if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):

@@ -112,6 +112,12 @@ class VLMAdapter(ABC):
         return layers
 
     @property
+    def decode_module(self) -> nn.Module:
+        """What ``decode`` runs on the spliced embeddings: the decoder; a host whose outer model
+        builds the attention masks from ``decoder_kwargs`` (Gemma 3) names that model."""
+        return self.decoder
+
+    @property
     def input_embeddings(self) -> nn.Module:
         """The LM's token embedding, weight [V, H]."""
         return self.model.get_input_embeddings()
@@ -149,8 +155,17 @@ class VLMAdapter(ABC):
         )
 
     def project(self, features: Tensor) -> Tensor:
-        """Connector: [B, P, Dv] -> [B, P', H]. Features from another model are cast to this
-        connector's dtype and device (a no-op for the model's own features)."""
+        """The connector on vision features, of this model or of the other model of the switch.
+
+        Args:
+            features: ``vision_features``'s output, [B, P, Dv] by default (an adapter's own
+                dataclass where it overrides this); cast to this connector's dtype and device
+                (a no-op for the model's own features).
+
+        Returns:
+            Image embeddings [B, P', H] by default (an adapter's own dataclass where it
+            overrides this), the input of ``pathway_inputs``.
+        """
         weight = next(self.connector.parameters(), None)
         if weight is not None:
             features = features.to(device=weight.device, dtype=weight.dtype)
@@ -170,10 +185,19 @@ class VLMAdapter(ABC):
         labels: Tensor | None,
         image_embeds: Tensor | Sequence[Tensor],
     ) -> MultimodalInputs:
-        """Splice projected image features into the text embeddings, as the host's forward does.
+        """Splice projected image features into the text embeddings, as the host's forward does
+        (by ``splice_rules``).
 
-        input_ids, attention_mask, labels: [B, T]; image_embeds: [N, P', H] or N tensors
-        [P'_i, H], consumed in placeholder order. P' need not match the placeholder count.
+        Args:
+            input_ids: [B, T] token ids with the host's image placeholders.
+            attention_mask: [B, T], 1 on real tokens.
+            labels: [B, T] (``IGNORE_INDEX`` where unsupervised), or None (nothing supervised).
+            image_embeds: [N, P', H] or N tensors [P'_i, H], consumed in placeholder order;
+                P' need not match the placeholder count.
+
+        Returns:
+            ``MultimodalInputs``: ``inputs_embeds`` [B, S, H], ``attention_mask`` [B, S],
+            ``position_ids`` [B, S] and ``labels`` [B, S] of the spliced sequence.
         """
         return splice_image_features(
             input_ids,
@@ -189,16 +213,28 @@ class VLMAdapter(ABC):
     # (pixel values and whatever goes with them), so no host-specific key lives in the engine.
 
     def vision_features(self, batch: dict) -> VisionFeatures | None:
-        """The vision-encoder output for a host batch (the input of ``project``): by default
-        ``encode_vision(batch[images_key])`` [B, P, Dv]; None for a batch without images
-        (text only: the host's forward makes no vision call either)."""
+        """The vision-encoder output for a host batch (the input of ``project``).
+
+        Args:
+            batch: a batch as the host's processor or collator made it; by default its
+                ``images_key`` [B, 3, h, w] is read.
+
+        Returns:
+            ``encode_vision(batch[images_key])`` [B, P, Dv] by default (an adapter's own
+            dataclass where its features are more than one tensor); None for a batch without
+            images (text only: the host's forward makes no vision call either).
+        """
         images = batch.get(self.images_key)
         return None if images is None else self.encode_vision(images)
 
     def placeholder_images(self) -> dict[str, Tensor]:
-        """The image inputs of one blank image as the host's processor lays them out (only the
-        image keys: ``vision_features`` takes them as a batch). By default ``images_key``: zeros
-        [1, 3, S, S], S the vision config's ``image_size``."""
+        """The image inputs of one blank image as the host's processor lays them out.
+
+        Returns:
+            Only the image keys (``vision_features`` takes them as a batch), on the vision
+            encoder's device and dtype. By default ``{images_key: zeros [1, 3, S, S]}``, S the
+            vision config's ``image_size``.
+        """
         height, width = self._image_size
         return {self.images_key: self._blank(1, 3, height, width)}
 
@@ -215,8 +251,20 @@ class VLMAdapter(ABC):
 
     def pathway_inputs(self, batch: dict, image_embeds: ImageEmbeds | None) -> MultimodalInputs:
         """The decoder inputs of one pathway: this model's text embeddings of the batch with
-        ``image_embeds`` (any pathway's projected features, cast to this model's dtype; None
-        for a batch without images) spliced in."""
+        the image embeddings spliced in.
+
+        Args:
+            batch: the host batch; by default ``input_ids``, ``attention_mask``, ``labels``
+                [B, T] are read.
+            image_embeds: ``project``'s output of either model of the switch, cast to this
+                model's dtype: [N, P', H] or N tensors [P'_i, H] by default; None for a batch
+                without images.
+
+        Returns:
+            ``MultimodalInputs`` of the spliced sequence: ``inputs_embeds`` [B, S, H],
+            ``attention_mask``, ``position_ids``, ``labels`` [B, S] (Qwen: position_ids
+            [3, B, S]) and the decoder's extra keyword arguments.
+        """
         if image_embeds is None:
             image_embeds = ()
         return self.build_inputs(
@@ -231,19 +279,34 @@ class VLMAdapter(ABC):
         raise NotImplementedError(f"{type(self).__name__} names no image token id")
 
     def image_samples(self, batch: dict) -> Tensor:
-        """[B] bool: the samples that hold an image (an image token among their attended
-        tokens). The switch pass runs on these only: a text-only sample's switch rows would be
-        its teacher rows."""
+        """The samples that hold an image (an image token among their attended tokens). The
+        switch pass runs on these only: a text-only sample's switch rows would be its teacher
+        rows.
+
+        Args:
+            batch: the host batch; ``input_ids`` and ``attention_mask`` [B, T] are read.
+
+        Returns:
+            [B] bool.
+        """
         tokens = (batch["input_ids"] == self.image_token_id) & batch["attention_mask"].bool()
         return tokens.any(dim=1)
 
     def select_samples(
         self, batch: dict, keep: Tensor, images: VisionFeatures | ImageEmbeds
     ) -> tuple[dict, VisionFeatures | ImageEmbeds]:
-        """The sub-batch of the samples ``keep`` [B] bool, which must hold every image of the
-        batch (``image_samples``), and their part of ``images`` (this batch's vision features
-        or projected embeddings). By default the per-sample tensors (``[B, ...]`` beside
-        ``input_ids``) are cut and the images kept whole: the other samples have none."""
+        """The sub-batch of the samples ``keep`` and their part of ``images``.
+
+        Args:
+            batch: the host batch.
+            keep: [B] bool; must hold every image of the batch (``image_samples``).
+            images: this batch's vision features or projected embeddings.
+
+        Returns:
+            (the sub-batch, its images). By default the per-sample tensors (``per_sample_keys``,
+            [B, ...]) are cut to [B', ...] and the images kept whole: the other samples have
+            none.
+        """
         sub = {
             key: value[keep] if key in self.per_sample_keys and value is not None else value
             for key, value in batch.items()
@@ -261,8 +324,16 @@ class VLMAdapter(ABC):
     )
 
     def decode(self, inputs: MultimodalInputs) -> Tensor:
-        """Decoder final hidden states (after the final norm, before ``lm_head``): [B, S, H]."""
-        outputs = self.decoder(
+        """The decoder (``decode_module``) on one pathway's inputs.
+
+        Args:
+            inputs: ``pathway_inputs``'s output (``inputs_embeds`` [B, S, H], ``attention_mask``
+                [B, S], ``position_ids``, ``decoder_kwargs``).
+
+        Returns:
+            Final hidden states [B, S, H]: after the final norm, before ``lm_head``.
+        """
+        outputs = self.decode_module(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,
             position_ids=inputs.position_ids,
@@ -274,9 +345,33 @@ class VLMAdapter(ABC):
 
     # ------------------------------------------------------------------------ pre-flight
 
+    # Config values that must be equal in student and teacher for the switch, as dotted names on
+    # the model's config (as the user finds them there, e.g. "vision_config.depth"): for either
+    # switch point, and in addition for the vision switch (where the teacher's connector takes
+    # the student's encoder output).
+    switch_config_fields: ClassVar[tuple[str, ...]] = ()
+    vision_switch_config_fields: ClassVar[tuple[str, ...]] = ()
+
     def switch_fields(self, switch_point: str) -> dict[str, Any]:
         """Config values that must be equal in student and teacher for the switch at
         ``switch_point`` ("vision" or "connector"), beyond the widths ``check_switch_widths``
-        compares: name (as the user finds it in the config, e.g. ``vision_config.depth``) ->
-        value. None by default."""
-        return {}
+        compares: name -> value (None where the config lacks it; lists and tuples alike). The
+        fields the adapter declares in ``switch_config_fields`` (and, for "vision",
+        ``vision_switch_config_fields``); none by default."""
+        names = self.switch_config_fields
+        if switch_point == "vision":
+            names += self.vision_switch_config_fields
+        return {name: _as_plain(_config_value(self.model.config, name)) for name in names}
+
+
+def _config_value(config: Any, dotted_name: str) -> Any:
+    """``config.<a>.<b>`` for "a.b"; None where any part is missing."""
+    value = config
+    for name in dotted_name.split("."):
+        value = getattr(value, name, None)
+    return value
+
+
+def _as_plain(value: Any) -> Any:
+    """Config values as comparable plain values (lists and tuples alike)."""
+    return list(value) if isinstance(value, (list, tuple)) else value

@@ -14,12 +14,10 @@ bidirectional masks.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
 from switchkd_plugin.adapters.base import MultimodalInputs
-from switchkd_plugin.adapters.hf_family import ScatteredImageTokensAdapter, config_values
+from switchkd_plugin.adapters.hf_family import ScatteredImageTokensAdapter
 
 
 class Gemma3Adapter(ScatteredImageTokensAdapter):
@@ -55,17 +53,16 @@ class Gemma3Adapter(ScatteredImageTokensAdapter):
     def connector_output_width(self) -> int:
         return self._projection_shape[1]
 
-    def switch_fields(self, switch_point: str) -> dict[str, Any]:
-        config = self.model.config
-        fields = config_values(config.vision_config, "vision_config.", ("image_size", "patch_size"))
-        fields["mm_tokens_per_image"] = config.mm_tokens_per_image
-        if switch_point == "vision":
-            fields |= config_values(
-                config.vision_config,
-                "vision_config.",
-                ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size"),
-            )
-        return fields
+    switch_config_fields = (
+        *ScatteredImageTokensAdapter.switch_config_fields,
+        "mm_tokens_per_image",
+    )
+    vision_switch_config_fields = (
+        "vision_config.model_type",
+        "vision_config.hidden_size",
+        "vision_config.num_hidden_layers",
+        "vision_config.intermediate_size",
+    )
 
     def encode_vision(self, images: Tensor) -> Tensor:
         """[N, 3, s, s] -> SigLIP's last hidden state [N, P, Dv]."""
@@ -80,15 +77,8 @@ class Gemma3Adapter(ScatteredImageTokensAdapter):
         inputs.decoder_kwargs["token_type_ids"] = self.spliced_image_positions(batch).long()
         return inputs
 
-    def decode(self, inputs: MultimodalInputs) -> Tensor:
-        """The host's ``Gemma3Model.forward`` on the spliced embeddings: it builds the causal,
-        sliding and bidirectional-image masks from ``token_type_ids``."""
-        outputs = self.parts(
-            inputs_embeds=inputs.inputs_embeds,
-            attention_mask=inputs.attention_mask,
-            position_ids=inputs.position_ids,
-            use_cache=False,
-            return_dict=True,
-            **inputs.decoder_kwargs,
-        )
-        return outputs.last_hidden_state
+    @property
+    def decode_module(self) -> nn.Module:
+        """The host's ``Gemma3Model``: ``decode`` runs its forward on the spliced embeddings, and
+        it builds the causal, sliding and bidirectional-image masks from ``token_type_ids``."""
+        return self.parts

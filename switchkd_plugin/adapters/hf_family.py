@@ -1,15 +1,19 @@
-"""What the transformers VLM families with pre-expanded image tokens share.
+"""What the transformers VLM classes share, and what those with pre-expanded image tokens add.
 
-LLaVA-OneVision, InternVL, Gemma 3 and SmolVLM all end their image path the same way: the
-connector's output, flattened over images (and crops), is written in order into the positions of
-``config.image_token_id``, which the processor repeated exactly as often as there are features
-(``inputs_embeds.masked_scatter``). ``pathway_inputs`` therefore cuts the flat features at the
-batch's runs of image tokens and splices each run with ``splice_image_features``: the host's
-sequence, position for position. The count must match, as in the host; the switch needs the same
-vision encoder and token layout in both models anyway (``switch_fields``).
+``TransformersVLMAdapter``: the layout of transformers' VLM classes. The vision encoder, the
+connector and the language model hang off an inner model (``parts``: ``model.model``, with
+``part_names`` naming the three); the head is the model's output embedding; images are runs of
+``config.image_token_id`` in ``input_ids``. HF LLaVA builds on it as it is (its ``pathway_inputs``
+splices one image per run of image tokens, whatever the run's length).
 
-Components hang off the inner model (``model.model``) in these classes; the head is
-``model.lm_head``. Each family's adapter supplies the vision encoder, the connector and the
+``ScatteredImageTokensAdapter``: LLaVA-OneVision, InternVL, Gemma 3 and SmolVLM all end their
+image path the same way: the connector's output, flattened over images (and crops), is written in
+order into the positions of ``config.image_token_id``, which the processor repeated exactly as
+often as there are features (``inputs_embeds.masked_scatter``). ``pathway_inputs`` therefore cuts
+the flat features at the batch's runs of image tokens and splices each run with
+``splice_image_features``: the host's sequence, position for position. The count must match, as
+in the host; the switch needs the same vision encoder and token layout in both models anyway
+(``switch_fields``). Each family's adapter supplies the vision encoder, the connector and the
 fields the switch needs equal.
 """
 
@@ -30,13 +34,9 @@ from switchkd_plugin.adapters.splice import (
 )
 
 
-def config_values(config: Any, prefix: str, names: Sequence[str]) -> dict[str, Any]:
-    """``{f"{prefix}{name}": config.<name>}`` (None where the config lacks the name)."""
-    return {f"{prefix}{name}": getattr(config, name, None) for name in names}
-
-
-class ScatteredImageTokensAdapter(VLMAdapter):
-    """Base of the adapters whose host scatters flat image features into its image tokens."""
+class TransformersVLMAdapter(VLMAdapter):
+    """Base of the adapters of transformers' VLM classes: components on ``parts``, head on the
+    model, images as runs of ``image_token_id``."""
 
     images_key: ClassVar[str] = "pixel_values"
     host_class_name: ClassVar[str]  # "transformers.<Class>"
@@ -95,6 +95,16 @@ class ScatteredImageTokensAdapter(VLMAdapter):
         caller; a bf16 tower needs the cast)."""
         weight = next(self.vision_module.parameters())
         return pixel_values.to(device=weight.device, dtype=weight.dtype)
+
+
+class ScatteredImageTokensAdapter(TransformersVLMAdapter):
+    """Base of the adapters whose host scatters flat image features into its image tokens."""
+
+    # The processor's image size and patch: the token count per image must match in both.
+    switch_config_fields: ClassVar[tuple[str, ...]] = (
+        "vision_config.image_size",
+        "vision_config.patch_size",
+    )
 
     # ------------------------------------------------------------------------------ splice
 

@@ -13,16 +13,15 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import transformers
 from torch import Tensor, nn
 
-from switchkd_plugin.adapters.base import SpliceRules, VLMAdapter
-from switchkd_plugin.adapters.splice import infer_padding_side
+from switchkd_plugin.adapters.hf_family import TransformersVLMAdapter
 
 
-class LlavaFeatureWidths:
-    """Widths of the LLaVA layout (``vision_feature_layer`` states -> ``linear_1`` / ``linear_2``
-    projector), shared by HF LLaVA and LLaVA-OneVision."""
+class LlavaVisionFeatures:
+    """The LLaVA feature selection (hidden states of ``vision_feature_layer``, the first token
+    dropped for the ``default`` strategy) and the widths of its ``linear_1`` / ``linear_2``
+    projector, shared by HF LLaVA and LLaVA-OneVision (on a ``TransformersVLMAdapter``)."""
 
     @property
     def _feature_layers(self) -> list[int]:
@@ -41,11 +40,28 @@ class LlavaFeatureWidths:
     def connector_output_width(self) -> int:
         return self.connector.linear_2.out_features
 
+    def encode_vision(self, images: Tensor) -> Tensor:
+        """Images (or crops) [N, 3, s, s] -> [N, P, Dv], as the host's forward selects features:
+        hidden states of ``vision_feature_layer`` (several layers are concatenated), the first
+        token dropped for the ``default`` strategy and kept for ``full``."""
+        strategy = self.model.config.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise ValueError(f"unexpected vision_feature_select_strategy {strategy!r}")
+        hidden_states = self.vision_module(
+            self._vision_input(images), output_hidden_states=True, return_dict=True
+        ).hidden_states
+        selected = [hidden_states[layer] for layer in self._feature_layers]
+        if strategy == "default":
+            selected = [states[:, 1:] for states in selected]
+        return torch.cat(selected, dim=-1)
 
-class HFLlavaAdapter(LlavaFeatureWidths, VLMAdapter):
-    """HF LLaVA: vision tower -> ``multi_modal_projector`` -> language model."""
 
-    images_key: ClassVar[str] = "pixel_values"
+class HFLlavaAdapter(LlavaVisionFeatures, TransformersVLMAdapter):
+    """HF LLaVA: vision tower -> ``multi_modal_projector`` -> language model.
+
+    ``pathway_inputs`` is ``VLMAdapter``'s: each run of image tokens takes one image's
+    features, whatever the run's length (one token per image, or pre-expanded)."""
+
     host_class_name: ClassVar[str] = "transformers.LlavaForConditionalGeneration"
 
     def __init__(self, model: nn.Module) -> None:
@@ -54,54 +70,18 @@ class HFLlavaAdapter(LlavaFeatureWidths, VLMAdapter):
         inner = getattr(model, "model", None)
         self._parts = inner if hasattr(inner, "multi_modal_projector") else model
 
-    @classmethod
-    def supports_class(cls, model_class: type) -> bool:
-        return issubclass(model_class, transformers.LlavaForConditionalGeneration)
-
     @property
-    def vision_module(self) -> nn.Module:
-        return self._parts.vision_tower
-
-    @property
-    def connector(self) -> nn.Module:
-        return self._parts.multi_modal_projector
+    def parts(self) -> nn.Module:
+        return self._parts
 
     @property
     def decoder(self) -> nn.Module:
-        language_model = self._parts.language_model
+        language_model = super().decoder
         # Old layout: a CausalLM whose base model is the decoder; new layout: the base model.
         return language_model.get_decoder() if self._parts is self.model else language_model
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.get_output_embeddings()
 
     @property
     def image_token_id(self) -> int:
         config = self.model.config
         token_id = getattr(config, "image_token_index", None)
         return token_id if token_id is not None else config.image_token_id
-
-    def encode_vision(self, images: Tensor) -> Tensor:
-        """[B, 3, h, w] -> [B, P, Dv], as the model's forward selects features: hidden states of
-        ``vision_feature_layer`` (several layers are concatenated), the first token dropped for
-        the ``default`` strategy and kept for ``full``."""
-        strategy = self.model.config.vision_feature_select_strategy
-        if strategy not in ("default", "full"):
-            raise ValueError(f"unexpected vision_feature_select_strategy {strategy!r}")
-        weight = next(self.vision_module.parameters())
-        # HF leaves the cast to the caller; the cast makes fp32 pixels work with a bf16 tower.
-        images = images.to(device=weight.device, dtype=weight.dtype)
-        hidden_states = self.vision_module(images, output_hidden_states=True).hidden_states
-        selected = [hidden_states[layer] for layer in self._feature_layers]
-        if strategy == "default":
-            selected = [states[:, 1:] for states in selected]
-        return torch.cat(selected, dim=-1)
-
-    def splice_rules(self, attention_mask: Tensor) -> SpliceRules:
-        return SpliceRules(
-            placeholder_id=self.image_token_id,
-            merge_runs=True,
-            text_only_consumes_image=False,
-            padding_side=infer_padding_side(attention_mask),
-        )

@@ -13,11 +13,9 @@ connector (the issue's "pixel shuffle + MLP"): ``project`` = shuffle + projector
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
-from switchkd_plugin.adapters.hf_family import ScatteredImageTokensAdapter, config_values
+from switchkd_plugin.adapters.hf_family import ScatteredImageTokensAdapter
 
 
 class InternVLAdapter(ScatteredImageTokensAdapter):
@@ -42,18 +40,18 @@ class InternVLAdapter(ScatteredImageTokensAdapter):
     def connector_output_width(self) -> int:
         return self.connector.linear_2.out_features
 
-    def switch_fields(self, switch_point: str) -> dict[str, Any]:
-        config = self.model.config
-        fields = config_values(config.vision_config, "vision_config.", ("image_size", "patch_size"))
-        fields |= config_values(config, "", ("downsample_ratio", "vision_feature_select_strategy"))
-        if switch_point == "vision":
-            fields |= config_values(
-                config.vision_config,
-                "vision_config.",
-                ("hidden_size", "num_hidden_layers", "intermediate_size", "norm_type"),
-            )
-            fields["vision_feature_layer"] = config.vision_feature_layer
-        return fields
+    switch_config_fields = (
+        *ScatteredImageTokensAdapter.switch_config_fields,
+        "downsample_ratio",
+        "vision_feature_select_strategy",
+    )
+    vision_switch_config_fields = (
+        "vision_config.hidden_size",
+        "vision_config.num_hidden_layers",
+        "vision_config.intermediate_size",
+        "vision_config.norm_type",
+        "vision_feature_layer",
+    )
 
     def encode_vision(self, images: Tensor) -> Tensor:
         """Crops [N, 3, s, s] -> [N, P, Dv] (P = patches, the CLS token dropped for the

@@ -18,38 +18,34 @@ packed by the teacher.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from switchkd_plugin.adapters.base import MultimodalInputs
-from switchkd_plugin.adapters.hf_family import ScatteredImageTokensAdapter, config_values
-from switchkd_plugin.adapters.hf_llava import LlavaFeatureWidths
+from switchkd_plugin.adapters.hf_family import ScatteredImageTokensAdapter
+from switchkd_plugin.adapters.hf_llava import LlavaVisionFeatures
 
 
-class LlavaOnevisionAdapter(LlavaFeatureWidths, ScatteredImageTokensAdapter):
+class LlavaOnevisionAdapter(LlavaVisionFeatures, ScatteredImageTokensAdapter):
     """LLaVA-OneVision: SigLIP -> MLP projector -> anyres packing with image_newline -> LM."""
 
     host_class_name = "transformers.LlavaOnevisionForConditionalGeneration"
 
-    def switch_fields(self, switch_point: str) -> dict[str, Any]:
-        config = self.model.config
-        # Crop layout and packing: the same crops, grid and token count in both pathways.
-        fields = config_values(config.vision_config, "vision_config.", ("image_size", "patch_size"))
-        fields |= config_values(
-            config,
-            "",
-            ("image_grid_pinpoints", "vision_aspect_ratio", "vision_feature_select_strategy"),
-        )
-        if switch_point == "vision":  # the teacher's projector expects the teacher's encoder
-            fields |= config_values(
-                config.vision_config,
-                "vision_config.",
-                ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size"),
-            )
-            fields["vision_feature_layer"] = config.vision_feature_layer
-        return fields
+    # Crop layout and packing: the same crops, grid and token count in both pathways.
+    switch_config_fields = (
+        *ScatteredImageTokensAdapter.switch_config_fields,
+        "image_grid_pinpoints",
+        "vision_aspect_ratio",
+        "vision_feature_select_strategy",
+    )
+    # The teacher's projector expects the teacher's encoder.
+    vision_switch_config_fields = (
+        "vision_config.model_type",
+        "vision_config.hidden_size",
+        "vision_config.num_hidden_layers",
+        "vision_config.intermediate_size",
+        "vision_feature_layer",
+    )
 
     # -------------------------------------------------------------------------------- stages
 
@@ -85,20 +81,6 @@ class LlavaOnevisionAdapter(LlavaFeatureWidths, ScatteredImageTokensAdapter):
         crops = self._crops_per_image({"image_sizes": sizes})[0]
         pixel_values = self._blank(1, crops, 3, height, width)
         return {"pixel_values": pixel_values, "image_sizes": sizes.to(pixel_values.device)}
-
-    def encode_vision(self, images: Tensor) -> Tensor:
-        """Crops [N, 3, s, s] -> [N, P, Dv]: hidden states of ``vision_feature_layer`` (several
-        layers concatenated), the first token dropped for the ``default`` strategy."""
-        strategy = self.model.config.vision_feature_select_strategy
-        if strategy not in ("default", "full"):
-            raise ValueError(f"unexpected vision_feature_select_strategy {strategy!r}")
-        hidden_states = self.vision_module(
-            self._vision_input(images), output_hidden_states=True, return_dict=True
-        ).hidden_states
-        selected = [hidden_states[layer] for layer in self._feature_layers]
-        if strategy == "default":
-            selected = [states[:, 1:] for states in selected]
-        return torch.cat(selected, dim=-1)
 
     def vision_features(self, batch: dict) -> Tensor | None:
         """The real crops of ``pixel_values`` ([images, max_crops, 3, s, s] or [crops, 3, s, s])

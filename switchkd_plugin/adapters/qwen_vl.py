@@ -133,24 +133,15 @@ class _QwenVLAdapter(VLMAdapter):
     def _merge_unit(self) -> int:
         return self._vision_config.spatial_merge_size**2
 
-    def switch_fields(self, switch_point: str) -> dict[str, Any]:
-        """The vision switch needs the same ViT: the student's tokens must be what the teacher's
-        merger groups and the teacher's deepstack layers expect."""
-        if switch_point != "vision":
-            return {}
-        config = self._vision_config
-        return {
-            f"vision_config.{name}": _as_plain(getattr(config, name, None))
-            for name in self._vision_switch_fields
-        }
-
-    _vision_switch_fields: ClassVar[tuple[str, ...]] = (
-        "depth",
-        "hidden_size",
-        "patch_size",
-        "temporal_patch_size",
-        "spatial_merge_size",
-        "in_channels",
+    # The vision switch needs the same ViT: the student's tokens must be what the teacher's
+    # merger groups and the teacher's deepstack layers expect.
+    vision_switch_config_fields: ClassVar[tuple[str, ...]] = (
+        "vision_config.depth",
+        "vision_config.hidden_size",
+        "vision_config.patch_size",
+        "vision_config.temporal_patch_size",
+        "vision_config.spatial_merge_size",
+        "vision_config.in_channels",
     )
 
     # ------------------------------------------------------------------------------- stages
@@ -255,10 +246,10 @@ class Qwen2_5_VLAdapter(_QwenVLAdapter):
 
     host_class_name: ClassVar[str] = "transformers.Qwen2_5_VLForConditionalGeneration"
     host_class_attr: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
-    _vision_switch_fields: ClassVar[tuple[str, ...]] = (
-        *_QwenVLAdapter._vision_switch_fields,
-        "window_size",
-        "fullatt_block_indexes",
+    vision_switch_config_fields = (
+        *_QwenVLAdapter.vision_switch_config_fields,
+        "vision_config.window_size",
+        "vision_config.fullatt_block_indexes",
     )
 
     def _run_vit(self, visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor):
@@ -292,10 +283,10 @@ class Qwen3VLAdapter(_QwenVLAdapter):
 
     host_class_name: ClassVar[str] = "transformers.Qwen3VLForConditionalGeneration"
     host_class_attr: ClassVar[str] = "Qwen3VLForConditionalGeneration"
-    _vision_switch_fields: ClassVar[tuple[str, ...]] = (
-        *_QwenVLAdapter._vision_switch_fields,
-        "num_position_embeddings",
-        "deepstack_visual_indexes",
+    vision_switch_config_fields = (
+        *_QwenVLAdapter.vision_switch_config_fields,
+        "vision_config.num_position_embeddings",
+        "vision_config.deepstack_visual_indexes",
     )
 
     def _run_vit(self, visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor):
@@ -330,8 +321,3 @@ class Qwen3VLAdapter(_QwenVLAdapter):
             "visual_pos_masks": image_mask,
             "deepstack_visual_embeds": [embeds.to(dtype) for embeds in image_embeds.deepstack],
         }
-
-
-def _as_plain(value: Any) -> Any:
-    """Config values as comparable plain values (lists and tuples alike)."""
-    return list(value) if isinstance(value, (list, tuple)) else value

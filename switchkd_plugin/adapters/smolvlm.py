@@ -12,12 +12,10 @@ projection is the teacher's).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from switchkd_plugin.adapters.hf_family import ScatteredImageTokensAdapter, config_values
+from switchkd_plugin.adapters.hf_family import ScatteredImageTokensAdapter
 
 
 class SmolVLMAdapter(ScatteredImageTokensAdapter):
@@ -39,17 +37,12 @@ class SmolVLMAdapter(ScatteredImageTokensAdapter):
     def connector_output_width(self) -> int:
         return self.connector.modality_projection.proj.out_features
 
-    def switch_fields(self, switch_point: str) -> dict[str, Any]:
-        config = self.model.config
-        fields = config_values(config.vision_config, "vision_config.", ("image_size", "patch_size"))
-        fields["scale_factor"] = config.scale_factor
-        if switch_point == "vision":
-            fields |= config_values(
-                config.vision_config,
-                "vision_config.",
-                ("hidden_size", "num_hidden_layers", "intermediate_size"),
-            )
-        return fields
+    switch_config_fields = (*ScatteredImageTokensAdapter.switch_config_fields, "scale_factor")
+    vision_switch_config_fields = (
+        "vision_config.hidden_size",
+        "vision_config.num_hidden_layers",
+        "vision_config.intermediate_size",
+    )
 
     def placeholder_images(self) -> dict[str, Tensor]:
         """One blank image in one slot, [1, 1, 3, S, S], every pixel valid (an all-zero image

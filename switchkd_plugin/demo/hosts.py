@@ -36,9 +36,9 @@ from switchkd_plugin.demo.shapes import (
     load_records,
     parse_record,
 )
-from switchkd_plugin.factory_compat import factory_import_error, import_tinyllava
+from switchkd_plugin.integrations.tinyllava.compat import factory_import_error, import_tinyllava
 from switchkd_plugin.testing.tiny_models import TinyVLMSpec, build_hf_llava, build_tinyllava
-from switchkd_plugin.trainer import SwitchKDTrainer, switchkd_trainer_class
+from switchkd_plugin.training.trainer import SwitchKDTrainer, switchkd_trainer_class
 
 if TYPE_CHECKING:
     from tinyllava.data.dataset import LazySupervisedDataset

@@ -3,7 +3,6 @@ on a validation score with the best checkpoint restored."""
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,15 +14,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from switchkd_plugin.config import SwitchKDArguments
+from switchkd_plugin.constants import TOKENIZER_KWARG
 from switchkd_plugin.demo.config import EarlyStopping, TrainSchedule
 from switchkd_plugin.demo.hosts import DemoHost
 from switchkd_plugin.demo.progress import ProgressBar
-
-_TOKENIZER_KWARG = (
-    "processing_class"
-    if "processing_class" in inspect.signature(transformers.Trainer.__init__).parameters
-    else "tokenizer"
-)
 
 
 def plain_sft() -> SwitchKDArguments:
@@ -108,7 +102,7 @@ def train(
         teacher_tokenizer=tokenizer if teacher is not None else None,
         train_dataset=dataset,
         data_collator=collator,
-        **{_TOKENIZER_KWARG: tokenizer},
+        **{TOKENIZER_KWARG: tokenizer},
     )
     # Our bar replaces the Trainer's (or its printer of log dicts, used when logging is quiet).
     for callback in (transformers.ProgressCallback, transformers.PrinterCallback):

@@ -131,7 +131,18 @@ def select_dbild(
 ) -> DBiLDSelection:
     """The led branches of `[n, V]` rows (no grad): ids by `rule` from the teacher (or the given
     `teacher_led`, computed once for several terms) and from the student, and the teacher's
-    values at them. Nothing of size `[n, V]` is upcast."""
+    values at them. Nothing of size `[n, V]` is upcast.
+
+    Args:
+        student_logits: `[n, V]` (only its top-k ids are read).
+        teacher_logits: `[n, V]`.
+        rule: how each branch picks its k (`TopKRule.build`).
+        sides: the led branches, from `dbild_sides`.
+        teacher_led: the teacher-led branch, `[n, K]` ids and `[n]` k, already selected.
+
+    Returns:
+        The branches' ids `[n, ΣK]` and the teacher's float32 values at them `[n, ΣK]`.
+    """
     branches = []
     for side in sides:
         if side == "teacher":
@@ -152,10 +163,18 @@ def dbild_selected(
     pair_algorithm: str = "cumulative",
     check_finite: bool = True,
 ) -> Tensor:
-    """DBiLD per row `[n]` from the student logits `[n, V]` (differentiable) at the selected ids.
+    """DBiLD per row from the student logits (differentiable) at the selected ids.
 
-    Float32 (float64 stays float64) on the gathered `[n, ΣK]` values only. `check_finite`:
-    raise on a non-finite row, naming the side; False returns it as is.
+    Args:
+        student_logits: `[n, V]`, any float dtype; gradients flow through the gathered values.
+        selection: `select_dbild`'s branches for these rows (ids `[n, ΣK]`).
+        temperature: τ > 0, divides both sides' values.
+        divergence: `rkl` | `fkl`.
+        pair_algorithm: `cumulative` | `explicit` (see `dbild_loss`).
+        check_finite: raise on a non-finite row, naming the side; False returns it as is.
+
+    Returns:
+        `[n]`, float32 (float64 stays float64), computed on the gathered `[n, ΣK]` values only.
     """
     pair_kl = PAIR_KL[pair_algorithm]
     student_values = upcast(student_logits.gather(-1, selection.ids))
@@ -222,8 +241,12 @@ def dbild_loss(
         check_finite: raise on a non-finite loss (naming the side); False returns it as is (the
             trainer then decides, identically on every rank, whether to stop or skip the batch).
 
-    The loss is computed in float32 whatever the input dtype (float64 stays float64).
-    Raises `ValueError` on mismatched shapes, unknown options, and NaN/inf logits (naming the side).
+    Returns:
+        The loss in float32 whatever the input dtype (float64 stays float64): 0-dim for `mean`
+        and `sum`, `[n]` for `none` (n = masked rows); with `return_stats`, a `DBiLDOutput`.
+
+    Raises:
+        ValueError: mismatched shapes, unknown options, NaN/inf logits (naming the side).
     """
     check_choice("k_mode", k_mode, K_MODES)
     check_choice("divergence", divergence, DIVERGENCES)

@@ -28,10 +28,17 @@ def full_kl_loss(
     `p = softmax(logits / temperature)` over the whole vocabulary; no τ² rescaling.
 
     Args:
-        student_logits, teacher_logits: `[..., V]` (the teacher is detached).
-        mask: `[...]` bool or None (all rows). An all-False mask gives 0.
+        student_logits: `[..., V]`, any float dtype; differentiable.
+        teacher_logits: `[..., V]`, same shape; detached here.
+        mask: `[...]` bool, rows to distil (None = all). An all-False mask gives 0.
+        temperature: τ > 0, divides both sides' logits.
+        direction: `forward` | `reverse`.
+        reduction: `mean` over the n masked rows, `sum`, or `none`.
         check_finite: raise on a non-finite loss (naming the side); False returns it as is.
-    Computed in float32 (float64 stays float64). Returns a 0-dim tensor, or `[n]` for `none`.
+
+    Returns:
+        A 0-dim tensor (`mean`, `sum`) or `[n]` per row (`none`), in float32 (float64 stays
+        float64).
     """
     check_choice("direction", direction, KL_DIRECTIONS)
     check_choice("reduction", reduction, ("mean", "sum", "none"))

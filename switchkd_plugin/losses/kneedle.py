@@ -62,6 +62,12 @@ def kneedle_k(
     min-max normalised; k is the knee's index + 1, clamped to `[k_min, min(k_max, window)]`.
     Min-max normalisation makes k independent of temperature and of any per-row shift.
 
+    Args:
+        logits: `[..., V]`, any float dtype (not differentiated).
+        window: how many top logits the knee is searched in (not 1; `<= 0`: all V).
+        k_min: smallest k returned, >= 2.
+        k_max: largest k returned (None = the window width).
+
     Returns:
         `[...]` int64, one k per row.
     """

@@ -54,7 +54,16 @@ def _pair_log_stats(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tens
 
 
 def pair_kl_cumulative(x: Tensor, y: Tensor, valid: Tensor) -> Tensor:
-    """`KL(X || Y)` per row in O(k); `x`, `y`, `valid` are `[n, K]`; returns `[n]`."""
+    """`KL(X || Y)` per row in O(k), exact.
+
+    Args:
+        x: `[n, K]` values in led order (the first distribution's).
+        y: `[n, K]` values at the same ids (the second's).
+        valid: `[n, K]` bool, True for the first k_r entries of row r.
+
+    Returns:
+        `[n]` in the inputs' dtype.
+    """
     log_zx, log_row, log_col = _pair_log_stats(x, valid)
     log_zy, _, _ = _pair_log_stats(y, valid)
     d = x - y
@@ -64,7 +73,14 @@ def pair_kl_cumulative(x: Tensor, y: Tensor, valid: Tensor) -> Tensor:
 
 
 def pair_kl_explicit(x: Tensor, y: Tensor, valid: Tensor) -> Tensor:
-    """`KL(X || Y)` per row from all `[n, K, K]` pairs (O(k^2)); the reference for the fast path."""
+    """`KL(X || Y)` per row from all `[n, K, K]` pairs (O(k^2)); the reference for the fast path.
+
+    Args:
+        x, y, valid: as in `pair_kl_cumulative`, `[n, K]` each.
+
+    Returns:
+        `[n]` in the inputs' dtype.
+    """
     size = x.shape[-1]
     upper = torch.ones(size, size, dtype=torch.bool, device=x.device).triu(diagonal=1)
     pairs = upper & valid[:, :, None] & valid[:, None, :]

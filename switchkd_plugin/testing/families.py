@@ -25,9 +25,11 @@ from switchkd_plugin.testing.tiny_models import (
     _pad,
     _seeded,
     build_tokenizer,
+    lm_config_fields,
     make_conversations,
     qwen2_config,
     siglip_vision_config,
+    vision_config_fields,
 )
 
 Family = Literal["llava_onevision", "internvl", "gemma3", "smolvlm"]
@@ -101,40 +103,24 @@ def _token_id(tokenizer, family: Family, name: str) -> int:
 
 
 def _llama_config(spec: TinyVLMSpec, tokenizer) -> dict:
-    config = qwen2_config(spec, tokenizer).to_dict()
-    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
-    keep += ("num_attention_heads", "num_key_value_heads", "max_position_embeddings")
-    return transformers.LlamaConfig(
-        **{key: config[key] for key in keep},
-        tie_word_embeddings=False,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-    ).to_dict()
+    fields = lm_config_fields(spec, tokenizer, tie_word_embeddings=False)
+    return transformers.LlamaConfig(**fields).to_dict()
 
 
 def _gemma3_text_config(spec: TinyVLMSpec, tokenizer) -> dict:
-    head_dim = spec.hidden_size // spec.num_heads
     # Alternate sliding and full layers, and a window shorter than an image block, so both
     # masks and their bidirectional image overlay matter.
     layer_types = ["sliding_attention", "full_attention"] * spec.num_layers
-    return transformers.Gemma3TextConfig(
-        vocab_size=spec.lm_vocab_size(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        head_dim=head_dim,
-        query_pre_attn_scalar=head_dim,
-        max_position_embeddings=spec.max_length,
+    fields = lm_config_fields(
+        spec,
+        tokenizer,
+        tie_word_embeddings=False,
+        head_dim=spec.head_dim,
+        query_pre_attn_scalar=spec.head_dim,
         sliding_window=8,
         layer_types=layer_types[: spec.num_layers],
-        tie_word_embeddings=False,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-    ).to_dict()
+    )
+    return transformers.Gemma3TextConfig(**fields).to_dict()
 
 
 def _family_config(family: Family, spec: TinyVLMSpec, tokenizer) -> transformers.PretrainedConfig:
@@ -158,12 +144,9 @@ def _family_config(family: Family, spec: TinyVLMSpec, tokenizer) -> transformers
         side = [spec.image_size, spec.image_size]
         return transformers.InternVLConfig(
             vision_config=transformers.InternVLVisionConfig(
-                hidden_size=spec.vision_hidden_size,
-                intermediate_size=spec.vision_intermediate_size,
-                num_hidden_layers=spec.vision_layers,
-                num_attention_heads=spec.vision_heads,
-                image_size=side,
-                patch_size=[spec.patch_size, spec.patch_size],
+                **vision_config_fields(
+                    spec, image_size=side, patch_size=[spec.patch_size, spec.patch_size]
+                )
             ).to_dict(),
             text_config=qwen2_config(spec, tokenizer).to_dict(),
             image_token_id=image_id,
@@ -184,14 +167,7 @@ def _family_config(family: Family, spec: TinyVLMSpec, tokenizer) -> transformers
         )
     if family == "smolvlm":
         return transformers.SmolVLMConfig(
-            vision_config=transformers.SmolVLMVisionConfig(
-                hidden_size=spec.vision_hidden_size,
-                intermediate_size=spec.vision_intermediate_size,
-                num_hidden_layers=spec.vision_layers,
-                num_attention_heads=spec.vision_heads,
-                image_size=spec.image_size,
-                patch_size=spec.patch_size,
-            ).to_dict(),
+            vision_config=transformers.SmolVLMVisionConfig(**vision_config_fields(spec)).to_dict(),
             text_config=_llama_config(spec, tokenizer),
             image_token_id=image_id,
             scale_factor=2,

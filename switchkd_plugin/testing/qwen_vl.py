@@ -24,6 +24,7 @@ from switchkd_plugin.testing.tiny_models import (
     TinyVLMSpec,
     _seeded,
     build_tokenizer,
+    lm_config_fields,
     make_conversations,
 )
 
@@ -104,28 +105,19 @@ def qwen_vl_config(
     vision: QwenVisionSpec = QwenVisionSpec(),
 ):
     """The family's config: the spec's LM on the line's shared ViT."""
-    head_dim = spec.hidden_size // spec.num_heads
-    text = dict(
-        vocab_size=spec.lm_vocab_size(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=spec.max_length,
+    text = lm_config_fields(
+        spec,
+        tokenizer,
+        tie_word_embeddings=False,
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 10000.0,
-            "mrope_section": _mrope_section(head_dim),
+            "mrope_section": _mrope_section(spec.head_dim),
             **({"mrope_interleaved": True} if family == "qwen3_vl" else {}),
         },
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=None,
-        bos_token_id=None,
-        tie_word_embeddings=False,
     )
     if family == "qwen3_vl":
-        text["head_dim"] = head_dim
+        text["head_dim"] = spec.head_dim
     config_class = (
         transformers.Qwen2_5_VLConfig if family == "qwen2_5_vl" else transformers.Qwen3VLConfig
     )

@@ -88,6 +88,11 @@ class TinyVLMSpec:
     seed: int = 0
 
     @property
+    def head_dim(self) -> int:
+        """Width of one attention head of the LM."""
+        return self.hidden_size // self.num_heads
+
+    @property
     def num_patches(self) -> int:
         """Patch tokens the vision encoder emits per image (SigLIP has no CLS token)."""
         return (self.image_size // self.patch_size) ** 2
@@ -173,12 +178,16 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def qwen2_config(
-    spec: TinyVLMSpec, tokenizer: transformers.PreTrainedTokenizerBase
-) -> transformers.Qwen2Config:
-    """The spec's language model config (embeddings tied as the spec says, no sliding window, no
-    pad id)."""
-    return transformers.Qwen2Config(
+def lm_config_fields(
+    spec: TinyVLMSpec, tokenizer: transformers.PreTrainedTokenizerBase, **overrides: object
+) -> dict:
+    """The spec's language model sizes and token ids as config keyword arguments (the names the
+    Qwen2, Llama, Gemma 3 and Qwen-VL text configs share); `overrides` add or replace fields.
+
+    No pad or bos id, as in real Qwen2 configs: a zero pad embedding makes transformers 4.40's
+    LLaVA merge mistake pad slots for image slots.
+    """
+    fields = dict(
         vocab_size=spec.lm_vocab_size(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -187,18 +196,26 @@ def qwen2_config(
         num_key_value_heads=spec.num_kv_heads,
         max_position_embeddings=spec.max_length,
         tie_word_embeddings=spec.tie_word_embeddings,
-        use_sliding_window=False,
         eos_token_id=tokenizer.eos_token_id,
-        # No padding_idx, as in real Qwen2 configs: a zero pad embedding makes transformers 4.40's
-        # LLaVA merge mistake pad slots for image slots.
         pad_token_id=None,
         bos_token_id=None,
     )
+    fields.update(overrides)
+    return fields
 
 
-def siglip_vision_config(spec: TinyVLMSpec) -> transformers.SiglipVisionConfig:
-    """The spec's vision encoder config."""
-    return transformers.SiglipVisionConfig(
+def qwen2_config(
+    spec: TinyVLMSpec, tokenizer: transformers.PreTrainedTokenizerBase
+) -> transformers.Qwen2Config:
+    """The spec's language model config (embeddings tied as the spec says, no sliding window, no
+    pad id)."""
+    return transformers.Qwen2Config(**lm_config_fields(spec, tokenizer, use_sliding_window=False))
+
+
+def vision_config_fields(spec: TinyVLMSpec, **overrides: object) -> dict:
+    """The spec's vision encoder sizes as config keyword arguments (the names the SigLIP, SmolVLM
+    and InternVL vision configs share); `overrides` add or replace fields."""
+    fields = dict(
         hidden_size=spec.vision_hidden_size,
         intermediate_size=spec.vision_intermediate_size,
         num_hidden_layers=spec.vision_layers,
@@ -206,6 +223,13 @@ def siglip_vision_config(spec: TinyVLMSpec) -> transformers.SiglipVisionConfig:
         image_size=spec.image_size,
         patch_size=spec.patch_size,
     )
+    fields.update(overrides)
+    return fields
+
+
+def siglip_vision_config(spec: TinyVLMSpec) -> transformers.SiglipVisionConfig:
+    """The spec's vision encoder config."""
+    return transformers.SiglipVisionConfig(**vision_config_fields(spec))
 
 
 def build_hf_llava(
@@ -287,9 +311,9 @@ def build_tinyllava(
     ``select_feature``: the Factory's ``--mm_vision_select_feature``; ``"patch"`` drops the first
     vision token as if it were a CLS token (SigLIP has none: one patch is dropped), ``"cls_patch"``
     keeps every token.
-    Needs TinyLLaVA Factory importable (see ``switchkd_plugin.factory_compat``).
+    Needs TinyLLaVA Factory importable (see ``switchkd_plugin.integrations.tinyllava.compat``).
     """
-    from switchkd_plugin.factory_compat import import_tinyllava
+    from switchkd_plugin.integrations.tinyllava.compat import import_tinyllava
 
     import_tinyllava()
     from tinyllava.model import (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .adapters import VLMAdapter
+from switchkd_plugin.adapters import VLMAdapter
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from accelerate.utils import DistributedType
 from torch import Tensor
+
+from switchkd_plugin.objective.engine import StepTerms
 
 
 def backward_divisor(accelerator, backward_kwargs: dict) -> int:
@@ -71,3 +74,22 @@ class BackwardRouter:
         if pending is None:
             return self.original(loss, **kwargs)
         return self.original(pending * backward_divisor(self.accelerator, kwargs), **kwargs)
+
+
+def window_tokens(num_items_in_batch, window_items, terms: StepTerms, args, accelerator) -> Tensor:
+    """The number of response tokens the loss is averaged over: the whole accumulation window on
+    every data-parallel rank (`num_items_in_batch` from the Trainer, else `window_items` from
+    `compat.WindowCountingLoader`), at least 1."""
+    already_global = num_items_in_batch is not None and bool(
+        getattr(args, "average_tokens_across_devices", False)
+    )
+    if num_items_in_batch is not None:
+        count = num_items_in_batch
+    elif window_items is not None:
+        count = window_items
+    else:  # e.g. resumed mid-epoch on transformers < 4.46: the micro-batch stands in
+        count = terms.response_tokens * args.gradient_accumulation_steps
+    count = torch.as_tensor(count, device=args.device, dtype=torch.float32)
+    if args.world_size > 1 and not already_global:
+        count = accelerator.reduce(count, reduction="sum")
+    return count.clamp(min=1)

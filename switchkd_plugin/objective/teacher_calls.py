@@ -25,8 +25,8 @@ from typing import TypeVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapters import VLMAdapter
-from .layer_checkpoint import swapped_forward
+from switchkd_plugin.adapters import VLMAdapter
+from switchkd_plugin.objective.forward_swap import swapped_forward
 
 Passes = TypeVar("Passes", bound=tuple)
 
@@ -38,7 +38,12 @@ class TeacherCalls:
         self.adapter = adapter
 
     def run(self, passes: Callable[[], Passes]) -> Passes:
-        """One step's teacher passes (a tuple of tensors)."""
+        """One step's teacher passes.
+
+        Args:
+            passes: runs the teacher (and switch) pathways, returning a tuple of tensors (rows
+                `[n, H_T]` and masks `[n]`).
+        """
         return passes()
 
     def lm_head(self) -> Callable[[Tensor], Tensor]:
@@ -74,8 +79,13 @@ def chunk_safe_when_sharded(adapter: VLMAdapter) -> bool:
 
 
 def shard_teacher(teacher: nn.Module, deepspeed_config: dict):
-    """Wrap the frozen teacher in its own DeepSpeed engine (the student's ZeRO-3 config without
-    optimizer and scheduler), in eval mode: each rank keeps a shard of every parameter."""
+    """Wrap the frozen teacher in its own DeepSpeed engine, in eval mode: each rank keeps a shard
+    of every parameter.
+
+    Args:
+        teacher: the frozen teacher model (loaded partitioned under ZeRO-3).
+        deepspeed_config: the student's ZeRO-3 config (its optimizer and scheduler dropped).
+    """
     import deepspeed
 
     config = copy.deepcopy(deepspeed_config)

@@ -12,10 +12,14 @@ import torch
 import transformers
 from torch import nn
 
-from .adapters import adapter_class_for
-from .checks import check_teacher_model_type, check_teacher_path, check_teacher_weights
-from .constants import DTYPE_KWARG
-from .resume import loading_problems
+from switchkd_plugin.adapters import adapter_class_for
+from switchkd_plugin.constants import DTYPE_KWARG
+from switchkd_plugin.training.checks import (
+    check_teacher_model_type,
+    check_teacher_path,
+    check_teacher_weights,
+)
+from switchkd_plugin.training.resume import loading_problems
 
 logger = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -3,7 +3,7 @@
 One parsed object holds the whole run's settings. Whichever way they are passed (this config, or
 `switchkd_args=` beside plain `TrainingArguments`, as the Factory does), every checkpoint records
 the Switch-KD settings in `switchkd_config.json`, and resuming compares them
-(`switchkd_plugin.resume.check_resume_settings`).
+(`switchkd_plugin.training.resume.check_resume_settings`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from transformers import TrainingArguments
 
-from .config import SwitchKDArguments
+from switchkd_plugin.config import SwitchKDArguments
 
 
 @dataclass

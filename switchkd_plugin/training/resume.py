@@ -15,18 +15,16 @@ was trained with; resuming under settings that change the objective is refused
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from .config import SwitchKDArguments
-from .constants import DTYPE_KWARG
+from switchkd_plugin.config import SwitchKDArguments
+from switchkd_plugin.constants import DTYPE_KWARG
 
 logger = logging.getLogger(__name__)
 
@@ -146,23 +144,9 @@ def restore_model(model: nn.Module, directory: str | Path) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def numpy_rng_state_loadable():
-    """torch >= 2.6 loads with `weights_only=True` by default, which refuses the numpy arrays of
-    a Trainer's `rng_state.pth`; transformers < 4.47 calls `torch.load` without allowlisting
-    them, so resuming fails there. Allow exactly the numpy types that file holds."""
-    if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5 does not refuse them
-        yield
-        return
-    core = np._core if hasattr(np, "_core") else np.core
-    allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    with torch.serialization.safe_globals(allowed):
-        yield
-
-
 def save_switchkd_settings(directory: str | Path, settings: SwitchKDArguments) -> None:
     """Write `settings` (and this package's version) as JSON into a checkpoint directory."""
-    from . import __version__
+    from switchkd_plugin import __version__
 
     record = {
         "switchkd_plugin_version": __version__,

@@ -8,33 +8,18 @@ layer's activations at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from functools import partial
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-_NO_INSTANCE_FORWARD = object()
+from switchkd_plugin.objective.forward_swap import swapped_forward
 
 
 def _checkpointed(forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-
-@contextmanager
-def swapped_forward(module: nn.Module, forward: Callable) -> Iterator[None]:
-    """`module.forward = forward` within the block; on exit the attribute is exactly what it was
-    (the class's forward, or an instance-level one a wrapper installed, e.g. accelerate's)."""
-    previous = module.__dict__.get("forward", _NO_INSTANCE_FORWARD)
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if previous is _NO_INSTANCE_FORWARD:
-            del module.forward
-        else:
-            module.forward = previous
 
 
 @contextmanager

@@ -32,24 +32,24 @@ vision encoder and connector per text-only micro-batch, on several ranks only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .adapters import MultimodalInputs, VLMAdapter
-from .adapters.base import VisionFeatures
-from .config import SwitchKDArguments
-from .constants import IGNORE_INDEX
-from .divergences import DBiLDTerm, make_divergence
-from .layer_checkpoint import checkpoint_each_layer
-from .loss_stage import chunked_loss
-from .losses import KStats
-from .losses.dbild import LedTopK
-from .teacher_calls import TeacherCalls
+from switchkd_plugin.adapters import MultimodalInputs, VLMAdapter
+from switchkd_plugin.adapters.base import VisionFeatures
+from switchkd_plugin.constants import IGNORE_INDEX
+from switchkd_plugin.losses import KStats
+from switchkd_plugin.losses.dbild import LedTopK
+from switchkd_plugin.objective.divergences import DBiLDTerm, Divergence
+from switchkd_plugin.objective.layer_checkpoint import checkpoint_each_layer
+from switchkd_plugin.objective.loss_stage import chunked_loss
+from switchkd_plugin.objective.teacher_calls import TeacherCalls
 
 
 @dataclass
@@ -127,17 +127,58 @@ class StepTerms:
     k_stats: dict[str, KStats] = field(default_factory=dict)  # "align" / "vsd" (DBiLD terms)
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """What the engine computes, as Liger's chunked losses take their chunk size, temperature
+    and weights. `switchkd_plugin.training.setup.engine_options` builds it from the run's
+    `SwitchKDArguments`.
+
+    Args:
+        vocab: logits columns the distillation terms compare (the shared tokenizer vocabulary;
+            lm_heads may be padded beyond it).
+        align: the divergence D of the align term D(student, teacher).
+        vsd: the divergence D of the visual-switch term D(switch, teacher).
+        w_ce, w_align, w_vsd: the terms' weights; 0 skips a distillation term's pass.
+        switch_point: where the student's features enter the teacher: "vision" (its vision
+            encoder's output, into the teacher's connector) or "connector" (its connector's
+            output, into the teacher's decoder).
+        run_switch: whether the switch pass may run (False: the student's vision encoder is
+            frozen, so the term teaches nothing).
+        chunk_size: response rows per lm_head chunk (0: all rows in one chunk).
+        checkpoint_teacher_layers: recompute each teacher decoder layer of the switch pass in
+            backward (one boundary tensor per layer held).
+    """
+
+    vocab: int
+    align: Divergence
+    vsd: Divergence
+    w_ce: float
+    w_align: float
+    w_vsd: float
+    switch_point: Literal["vision", "connector"]
+    run_switch: bool
+    chunk_size: int
+    checkpoint_teacher_layers: bool
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.w_align > 0 or self.w_vsd > 0
+
+    @property
+    def weights(self) -> tuple[float, float, float]:
+        return self.w_ce, self.w_align, self.w_vsd
+
+
+# A pathway's stages, lazily, for diagnosis: (stage name, its output).
+Stages = Iterator[tuple[str, Any]]
+
+
 class SwitchKDEngine:
     """Builds the three pathways of a batch and the weighted sum of their terms.
 
     Args:
         student, teacher: adapters of the two models (teacher None when no term needs it).
-        args: the Switch-KD arguments (`teacher_gradient_checkpointing` None counts as off: the
-            trainer resolves it from the student's setting).
-        distill_vocab_size: logits columns compared by the distillation terms (the shared
-            tokenizer vocabulary; lm_heads may be padded beyond it).
-        run_switch: whether the switch pass runs (False when w_vsd = 0 or the student's vision
-            encoder is frozen).
+        options: what to compute (`EngineOptions`).
         agree_chunks: on several data-parallel ranks, maps this rank's number of lm_head chunks
             to the number every rank uses (e.g. an all-reduced maximum). Ranks with fewer rows
             run empty chunks, so each rank makes the same lm_head calls (ZeRO-3 gathers the
@@ -155,36 +196,69 @@ class SwitchKDEngine:
         self,
         student: VLMAdapter,
         teacher: VLMAdapter | None,
-        args: SwitchKDArguments,
-        distill_vocab_size: int,
-        run_switch: bool,
+        options: EngineOptions,
         agree_chunks: Callable[[int], int] | None = None,
         teacher_calls: TeacherCalls | None = None,
         sharded_student_head: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
-        if teacher is None and args.needs_teacher:
+        if teacher is None and options.needs_teacher:
             raise ValueError("the align and switch terms need a teacher adapter")
-        self.student, self.teacher, self.args = student, teacher, args
+        self.student, self.teacher, self.options = student, teacher, options
         if teacher_calls is None and teacher is not None:
             teacher_calls = TeacherCalls(teacher)
         self.teacher_calls = teacher_calls
         self.sharded_student_head = sharded_student_head
         self.agree_chunks = agree_chunks
-        self.vocab = distill_vocab_size
-        self.run_align = teacher is not None and args.w_align > 0
-        self.run_switch = teacher is not None and run_switch and args.w_vsd > 0
-        self.checkpoint_teacher_layers = bool(args.teacher_gradient_checkpointing)
-        self.align_divergence = make_divergence(args.align_loss, args, distill_vocab_size)
-        self.vsd_divergence = make_divergence(args.vsd_loss, args, distill_vocab_size)
+        self.vocab = options.vocab
+        self.run_align = teacher is not None and options.w_align > 0
+        self.run_switch = teacher is not None and options.run_switch and options.w_vsd > 0
         used = (self.run_align, self.run_switch)
-        pairs = zip((self.align_divergence, self.vsd_divergence), used, strict=True)
+        pairs = zip((options.align, options.vsd), used, strict=True)
         terms = [term for term, in_use in pairs if in_use]
         # Both terms compare against the same teacher rows: one teacher-led top-k serves both.
         dbild = [t for t in terms if isinstance(t, DBiLDTerm) and t.teacher_led]
         same_rule = len(dbild) == 2 and dbild[0].rule == dbild[1].rule
         self.shared_teacher_rule = dbild[0].rule if same_rule else None
 
-    # ------------------------------------------------------------------------------ passes
+    # ------------------------------------------------------------------------------ stages
+    # Each pathway: vision features -> connector -> decoder -> response rows -> lm_head (the
+    # last in the loss stage). The passes below and `pathway_stages` run the same functions.
+
+    def pathway_stages(self, batch: dict) -> Iterator[tuple[str, Stages]]:
+        """Each pathway this engine runs on `batch`, for diagnosis (`diagnose.py`; run it under
+        `torch.no_grad()`).
+
+        Args:
+            batch: as for `__call__`.
+
+        Yields `(pathway, stages)` for "student", then "teacher" (when a distillation term
+        runs) and "switch" (when the switch pass runs, here on every sample). `stages` runs the
+        pathway lazily, yielding `(stage, output)`: "vision features" (the adapter's features,
+        None without images), "connector output" (image embeddings), "decoder states"
+        `[B, S, H]`, "logits" (the response rows' lm_head outputs, `[c, V]` chunks, lazily).
+        A consumer that stops at a stage never runs the later ones.
+        """
+        features, placeholder = self._vision_features(self.student, batch)
+        yield "student", self._stages(self.student, batch, features, placeholder, project=True)
+        if self.run_align or self.run_switch:
+            own, own_placeholder = self._vision_features(self.teacher, batch)
+            yield "teacher", self._stages(self.teacher, batch, own, own_placeholder, project=True)
+        if self.run_switch:
+            vision = self.options.switch_point == "vision"
+            images = features if vision else _project(self.student, features)
+            yield "switch", self._stages(self.teacher, batch, images, placeholder, project=vision)
+
+    def _stages(
+        self, adapter: VLMAdapter, batch: dict, features, placeholder: bool, project: bool
+    ) -> Stages:
+        yield "vision features", features
+        embeds = _project(adapter, features) if project else features
+        yield "connector output", embeds
+        hidden, labels = _decode(adapter, batch, embeds, placeholder)
+        yield "decoder states", hidden
+        rows = ResponseRows.from_pathway(hidden, labels).hidden
+        chunks: Iterable[Tensor] = rows.split(self.options.chunk_size or max(len(rows), 1))
+        yield "logits", (adapter.lm_head(part) for part in chunks)
 
     def _vision_features(
         self, adapter: VLMAdapter, batch: dict
@@ -242,29 +316,29 @@ class SwitchKDEngine:
         vsd_mask = mask & switch_valid if switch.distilled else torch.zeros_like(mask)
         return teacher_hidden, mask, switch_hidden, vsd_mask
 
+    # ------------------------------------------------------------------------------ passes
+
     def _teacher_rows(self, batch: dict) -> ResponseRows:
+        """The teacher pathway, no grad: its response rows `[n, H_T]`."""
         teacher = self.teacher
         with torch.no_grad():
             features, placeholder = self._vision_features(teacher, batch)
-            inputs = _pathway_inputs(teacher, batch, _project(teacher, features), placeholder)
-            return ResponseRows.from_pathway(teacher.decode(inputs), inputs.labels)
+            embeds = _project(teacher, features)
+            return ResponseRows.from_pathway(*_decode(teacher, batch, embeds, placeholder))
 
     def _switch_rows(
         self, student_features, student_embeds, placeholder: bool, batch: dict, keep: Tensor
     ) -> ResponseRows:
         """The switch pass on the samples `keep` [B] bool: their rows, in sample order."""
         teacher = self.teacher
-        vision = self.args.switch_point == "vision"
+        vision = self.options.switch_point == "vision"
         images = student_features if vision else student_embeds
         if not bool(keep.all()):
             batch, images = teacher.select_samples(batch, keep, images)
         # pathway_inputs casts the student's embeddings to the teacher's dtype
         embeds = _project(teacher, images) if vision else images
-        inputs = _pathway_inputs(teacher, batch, embeds, placeholder)
-        per_layer = self.checkpoint_teacher_layers
-        with checkpoint_each_layer(teacher.decoder_layers) if per_layer else nullcontext():
-            hidden = teacher.decode(inputs)
-        return ResponseRows.from_pathway(hidden, inputs.labels)
+        per_layer = self.options.checkpoint_teacher_layers
+        return ResponseRows.from_pathway(*_decode(teacher, batch, embeds, placeholder, per_layer))
 
     # ------------------------------------------------------------------------------ losses
 
@@ -278,10 +352,21 @@ class SwitchKDEngine:
         vsd_mask: Tensor | None,
         teacher_head: Callable[[Tensor], Tensor] | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, dict[str, KStats | None]]]:
-        """Weighted loss over one chunk of rows `[c, H]`, and (detached) its ce, align and vsd
-        sums and k statistics. Runs once per chunk (`loss_stage`): the teacher's lm_head and
-        the teacher-led top-k once, shared by align and VSD. `distill_mask` / `vsd_mask` [c]
-        (None: every row): the rows each term distils, VSD's among align's."""
+        """The loss stage on one chunk of rows, run once per chunk (`loss_stage`): the
+        teacher's lm_head and the teacher-led top-k once, shared by align and VSD.
+
+        Args:
+            student_hidden: `[c, H_S]` student rows.
+            switch_hidden: `[c, H_T]` switch-pass rows, or None (no switch pass).
+            targets: `[c]` the token each row predicts.
+            teacher_hidden: `[c, H_T]` teacher rows, or None (no distillation term).
+            distill_mask, vsd_mask: `[c]` bool, the rows each term distils (VSD's among
+                align's); None: every row.
+            teacher_head: the teacher's lm_head, `[m, H_T] -> [m, V_T]`.
+
+        Returns the weighted loss (0-dim, with grad) and, detached, the ce, align and vsd sums
+        and the k statistics of the DBiLD terms.
+        """
         student_logits = self.student.lm_head(student_hidden)  # [c, V_student]
         ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
         align = vsd = ce.new_zeros(())
@@ -301,7 +386,7 @@ class SwitchKDEngine:
         parts = []
         if self.run_align:
             align_side = distilled(student_logits)
-            parts.append(("align", self.align_divergence, align_side, teacher_logits, teacher_led))
+            parts.append(("align", self.options.align, align_side, teacher_logits, teacher_led))
         if switch_hidden is not None:
             # Only the VSD rows go through the teacher's lm_head (not a text-only sample's).
             within = (
@@ -310,7 +395,7 @@ class SwitchKDEngine:
             switch_rows = switch_hidden if vsd_mask is None else switch_hidden[vsd_mask]
             parts.append((
                 "vsd",
-                self.vsd_divergence,
+                self.options.vsd,
                 teacher_head(switch_rows)[:, : self.vocab],
                 _pick(teacher_logits, within),
                 None if teacher_led is None else _pick_led(teacher_led, within),
@@ -325,19 +410,26 @@ class SwitchKDEngine:
         return self._weighted(ce, values.get("align", align), values.get("vsd", vsd), stats)
 
     def _weighted(self, ce: Tensor, align: Tensor, vsd: Tensor, stats: dict):
-        args = self.args
-        loss = args.w_ce * ce + args.w_align * align + args.w_vsd * vsd
+        o = self.options
+        loss = o.w_ce * ce + o.w_align * align + o.w_vsd * vsd
         return loss, (ce.detach(), align.detach(), vsd.detach(), stats)
 
     def __call__(self, batch: dict) -> StepTerms:
-        """batch: `input_ids`, `attention_mask`, `labels` `[B, T]` and the images
-        (`images` / `pixel_values` `[B, 3, h, w]`)."""
+        """One micro-batch's Switch-KD terms.
+
+        Args:
+            batch: `input_ids`, `attention_mask`, `labels` `[B, T]` (`IGNORE_INDEX` where not
+                supervised) and the images under the adapter's key (`images` /
+                `pixel_values`, e.g. `[B, 3, h, w]`; absent for a text-only batch).
+
+        Returns the terms as sums over the response rows (`StepTerms`): `loss` 0-dim with
+        grad (its backward reaches the student, through the switch pass too), the detached
+        ce / align / vsd sums, the row counts and DBiLD's k statistics.
+        """
         student = self.student
         features, placeholder = self._vision_features(student, batch)
         embeds = _project(student, features)
-        inputs = _pathway_inputs(student, batch, embeds, placeholder)
-        student_states = student.decode(inputs)
-        rows = ResponseRows.from_pathway(student_states, inputs.labels)
+        rows = ResponseRows.from_pathway(*_decode(student, batch, embeds, placeholder))
 
         switch = self._switch_samples(batch)
         teacher_hidden = switch_hidden = distill_mask = vsd_mask = teacher_head = None
@@ -357,7 +449,7 @@ class SwitchKDEngine:
 
         # A micro-batch without response rows still runs one (empty) chunk: every parameter
         # takes part in backward, as on the other ranks.
-        chunk = self.args.lm_head_chunk_size or max(n, 1)
+        chunk = self.options.chunk_size or max(n, 1)
         chunks = max(1, -(-n // chunk))
         if self.agree_chunks is not None:
             chunks = self.agree_chunks(chunks)
@@ -397,8 +489,20 @@ class SwitchKDEngine:
 
 
 def _project(adapter: VLMAdapter, features):
-    """The adapter's connector; None (no image in the batch) stays None, as in the host."""
+    """The connector stage: the adapter's connector; None (no image in the batch) stays None,
+    as in the host."""
     return None if features is None else adapter.project(features)
+
+
+def _decode(
+    adapter: VLMAdapter, batch: dict, embeds, placeholder: bool, per_layer: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The decoder stage of a pathway whose image embeddings are `embeds` (any model's
+    connector output; None without images): its hidden states `[B, S, H]` and labels `[B, S]`
+    (both laid out with this model's image tokens). `per_layer`: checkpoint each layer."""
+    inputs = _pathway_inputs(adapter, batch, embeds, placeholder)
+    with checkpoint_each_layer(adapter.decoder_layers) if per_layer else nullcontext():
+        return adapter.decode(inputs), inputs.labels
 
 
 def _pathway_inputs(
@@ -410,19 +514,19 @@ def _pathway_inputs(
     if not placeholder:
         return adapter.pathway_inputs(batch, embeds)
     inputs = adapter.pathway_inputs(batch, None)
-    zero = sum((part * 0).sum() for part in _float_tensors(embeds))
+    zero = sum((part * 0).sum() for part in float_tensors(embeds))
     inputs.inputs_embeds = inputs.inputs_embeds + zero.to(inputs.inputs_embeds)
     return inputs
 
 
-def _float_tensors(value) -> list[Tensor]:
+def float_tensors(value) -> list[Tensor]:
     """The floating-point tensors in `value`: a tensor, a sequence or an adapter's dataclass."""
     if isinstance(value, Tensor):
         return [value] if value.is_floating_point() else []
     if dataclasses.is_dataclass(value):
         value = [getattr(value, item.name) for item in dataclasses.fields(value)]
     if isinstance(value, (list, tuple)):
-        return [tensor for part in value for tensor in _float_tensors(part)]
+        return [tensor for part in value for tensor in float_tensors(part)]
     return []
 
 

@@ -2,7 +2,8 @@
 
 No optimizer step may apply a non-finite gradient from our loss. The trainer checks every term
 of each micro-batch before its backward; the decision is all-reduced, so every data-parallel
-rank stops or skips together and their collectives stay in step.
+rank stops or skips together and their collectives stay in step. Where the values first go bad
+is found by `switchkd_plugin.objective.diagnose.locate_non_finite`; the message is made here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .engine import ResponseRows, StepTerms, SwitchKDEngine
+from switchkd_plugin.objective.engine import StepTerms
 
 logger = logging.getLogger(__name__)
 
@@ -72,46 +73,6 @@ def _leaves_reached(loss: Tensor) -> set[int]:
 
 def _finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
-
-
-def _rows_finite(head: Callable[[Tensor], Tensor], rows: ResponseRows, chunk: int = 1024) -> bool:
-    """The logits of the response rows, one chunk at a time (never `[B, S, V]`)."""
-    return all(_finite(head(part)) for part in rows.hidden.split(chunk))
-
-
-@torch.no_grad()
-def locate_non_finite(engine: SwitchKDEngine, batch: dict) -> list[str]:
-    """Rerun the pathways of `batch` and name, per pathway, the first stage that is not finite
-    (inputs, vision features, connector output, decoder states, logits)."""
-    student, teacher = engine.student, engine.teacher
-    found = []
-    images = batch.get(student.images_key)
-    if images is not None and images.is_floating_point() and not _finite(images):
-        found.append(f"the batch's `{student.images_key}`")
-
-    def pathway(name: str, adapter, features: Tensor, project: bool) -> None:
-        if not _finite(features):
-            found.append(f"the {name} pathway's vision features")
-            return
-        embeds = adapter.project(features) if project else features
-        if not _finite(embeds):
-            found.append(f"the {name} pathway's connector output")
-            return
-        inputs = adapter.pathway_inputs(batch, embeds.to(adapter.input_embeddings.weight.dtype))
-        hidden = adapter.decode(inputs)
-        if not _finite(hidden):
-            found.append(f"the {name} pathway's decoder states")
-        elif not _rows_finite(adapter.lm_head, ResponseRows.from_pathway(hidden, inputs.labels)):
-            found.append(f"the {name} logits")
-
-    features = student.vision_features(batch)
-    pathway("student", student, features, project=True)
-    if engine.run_align or engine.run_switch:
-        pathway("teacher", teacher, teacher.vision_features(batch), project=True)
-    if engine.run_switch:
-        vision = engine.args.switch_point == "vision"
-        pathway("switch", teacher, features if vision else student.project(features), vision)
-    return found
 
 
 def non_finite_parameters(model: nn.Module) -> list[str]:
@@ -196,3 +157,68 @@ class WindowStepGate:
             return original(*args, **kwargs)
 
         optimizer.step = gated_step
+
+
+class NonFiniteGuard:
+    """`--nonfinite`, per training micro-batch: its counters, the window gate, the decision.
+
+    Args:
+        mode: "error" or "skip".
+        max_in_a_row: under "skip", stop once this many micro-batches in a row failed.
+    """
+
+    def __init__(self, mode: str, max_in_a_row: int) -> None:
+        self.mode, self.max_in_a_row = mode, max_in_a_row
+        self.in_a_row = self.skipped = 0  # skipped: micro-batches since the last log
+        self.step_gate = WindowStepGate()
+
+    def check(
+        self,
+        terms: StepTerms,
+        sum_over_ranks: Callable[[Tensor], Tensor],
+        student: nn.Module,
+        every_parameter: bool,
+        step: int,
+        locate: Callable[[], list[str]],
+    ) -> Tensor | None:
+        """None when every term of this micro-batch is finite on every data-parallel rank.
+
+        Otherwise, on all ranks alike (the flag is summed over them, so collectives stay in
+        step): "error" raises with a diagnosis (`locate()`, run on every rank); "skip" returns
+        a loss of exactly zero gradient for `student` (for every trainable parameter when
+        `every_parameter`, else for those the loss reaches), and raises once `max_in_a_row`
+        micro-batches in a row failed. `step` is the Trainer's step counter, for the messages.
+        """
+        if not sum_over_ranks(any_non_finite(terms)).item():
+            self.in_a_row = 0
+            self.step_gate.count(skipped=False)
+            return None
+        self.in_a_row += 1
+        if self.mode == "skip" and self.in_a_row < self.max_in_a_row:
+            self.skipped += 1
+            self.step_gate.count(skipped=True)
+            logger.warning(
+                "%s; skipping this micro-batch (%d in a row)",  # `describe` names Switch-KD
+                describe(terms, [], [], step).rstrip("."),
+                self.in_a_row,
+            )
+            return zero_gradient_loss(student, None if every_parameter else terms.loss)
+        own = bool(any_non_finite(terms).item())
+        found = locate()
+        message = describe(terms if own else None, found, non_finite_parameters(student), step)
+        if self.mode == "skip":
+            message += f" Stopped after {self.in_a_row} such micro-batches in a row."
+        else:
+            message += " No weight was updated with it; --nonfinite skip drops such batches."
+        raise FloatingPointError(message)
+
+    def pop_log(self) -> dict[str, int]:
+        """The skip counts since the last log (under "skip"; empty under "error")."""
+        if self.mode != "skip":
+            return {}
+        logs = {
+            "nonfinite_skipped": self.skipped,
+            "nonfinite_skipped_steps": self.step_gate.skipped_steps,
+        }
+        self.skipped = self.step_gate.skipped_steps = 0
+        return logs

@@ -1,8 +1,9 @@
 """``switchkd-patch {apply,check,revert} FACTORY_DIR``: the ``--distill NAME`` patch of TinyLLaVA
 Factory, applied, checked and reverted in pure Python (no ``patch`` or ``git`` binary).
 
-The patch is an ordinary git unified diff (``patches/tinyllava_distill.patch``, shipped inside the
-package). Its ``index OLD..NEW`` lines give the git blob ids of each file before and after, so a
+The patch is an ordinary git unified diff (``tinyllava_distill.patch`` beside this module, shipped
+inside the package; ``patches/`` at the repo root links to it). Its ``index OLD..NEW`` lines give
+the git blob ids of each file before and after, so a
 file is recognised exactly: pristine, patched, or neither (conflicting: refused, nothing written).
 All files are checked before any is written; each write goes to a temporary file renamed over the
 original. Applying then reverting restores the original bytes. A file that is a symbolic link is
@@ -73,7 +74,7 @@ def git_blob_id(data: bytes) -> str:
 
 def default_patch_path() -> Path:
     """The patch shipped inside the package (``patches/`` at the repo root links to it)."""
-    return Path(str(resources.files("switchkd_plugin") / "patches" / PATCH_NAME))
+    return Path(str(resources.files("switchkd_plugin.integrations.tinyllava") / PATCH_NAME))
 
 
 # ----------------------------------------------------------------------------------- parsing

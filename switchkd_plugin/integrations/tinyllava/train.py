@@ -17,15 +17,15 @@ from functools import partial
 
 import torch
 
-from . import factory_compat
-from .config import parse_switchkd_args
-from .trainer import switchkd_trainer_class
+from switchkd_plugin.config import parse_switchkd_args
+from switchkd_plugin.integrations.tinyllava import compat
+from switchkd_plugin.training.trainer import switchkd_trainer_class
 
 logger = logging.getLogger(__name__)
 
 # The patched train.py loads this module before importing the Factory: fix the Factory for this
 # Python / transformers before its modules execute.
-factory_compat.install()
+compat.install()
 
 
 def resolve_attn_implementation(argv: list[str]) -> list[str]:

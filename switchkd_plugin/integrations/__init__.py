@@ -1,0 +1,1 @@
+"""Glue for hosts that need more than the Trainer mixin: one folder per host."""
