@@ -36,6 +36,37 @@ def chunk_agreement(device: torch.device, world_size: int) -> Callable[[int], in
     return largest
 
 
+def check_ddp_reaches_every_parameter(wrapper: nn.Module, student: nn.Module) -> None:
+    """After the first backward, before any optimizer step: under DDP without
+    `find_unused_parameters` (the Trainer's choice with `--gradient_checkpointing`), refuse a
+    student with trainable parameters the step never reaches.
+
+    DDP then waits for their gradients, so the buckets that hold them are never averaged: their
+    bucket-mates (e.g. the whole vision tower of a LLaVA student whose last vision layers, past
+    `vision_feature_layer`, are unused) step on this rank's gradient alone or none, and the next
+    step stops with DDP's "Expected to have finished reduction". The host's own forward leaves
+    the same parameters unused, so it fails the same way; here it fails first, and says why.
+    """
+    if not isinstance(wrapper, nn.parallel.DistributedDataParallel):
+        return
+    if wrapper.find_unused_parameters:
+        return
+    unreached = [
+        name for name, parameter in student.named_parameters()
+        if parameter.requires_grad and parameter.grad is None
+    ]  # fmt: skip
+    if unreached:
+        raise ValueError(
+            f"{len(unreached)} trainable parameters of the student get no gradient in a step "
+            f"(e.g. {', '.join(unreached[:3])}), and DDP runs without find_unused_parameters "
+            "(the Trainer turns it off with --gradient_checkpointing): DDP would leave the "
+            "gradient buckets holding them unaveraged, other parameters' included, and stop at "
+            "the next step. Freeze them (requires_grad_(False); a LLaVA vision tower's layers "
+            "past vision_feature_layer and its head are never used), or pass "
+            "--ddp_find_unused_parameters True. No weight was updated."
+        )
+
+
 def gathered_student_head(student: VLMAdapter) -> Callable[[], AbstractContextManager] | None:
     """Under ZeRO-3, a context in which the student's lm_head holds its full parameters (the
     engine's `sharded_student_head`); None otherwise. A collective: every rank runs the loss

@@ -28,7 +28,11 @@ from switchkd_plugin.training.compat import (
     numpy_rng_state_loadable,
     skipping_keeps_window_counts,
 )
-from switchkd_plugin.training.distributed import prepare_zero3, zero3_enabled
+from switchkd_plugin.training.distributed import (
+    check_ddp_reaches_every_parameter,
+    prepare_zero3,
+    zero3_enabled,
+)
 from switchkd_plugin.training.loss_scale import BackwardRouter, window_tokens
 from switchkd_plugin.training.metrics import TermLog
 from switchkd_plugin.training.nonfinite import NonFiniteGuard
@@ -86,6 +90,7 @@ class SwitchKDTrainerMixin:
         self._engine: SwitchKDEngine | None = None
         self._teacher_engine = None  # the DeepSpeed engine sharding the teacher under ZeRO-3
         self._zero3_ready = False
+        self._reach_checked = False  # check_ddp_reaches_every_parameter, on the first step
         self._unwrapped: tuple[nn.Module, nn.Module] | None = None  # (wrapper, its model)
         self._term_log, self._eval_log = TermLog(), TermLog()
         self._backward: BackwardRouter | None = None
@@ -210,10 +215,13 @@ class SwitchKDTrainerMixin:
             locate=lambda: locate_non_finite(self._engine, batch),  # every rank: in step
         )
 
-    def training_step(self, *args, **kwargs):
-        loss = super().training_step(*args, **kwargs)
+    def training_step(self, model, *args, **kwargs):
+        loss = super().training_step(model, *args, **kwargs)
         if self._backward is not None:  # before any optimizer step: refuse, never train wrong
             self._backward.check_consumed()
+            if not self._reach_checked:
+                check_ddp_reaches_every_parameter(model, self._unwrap(model))
+                self._reach_checked = True
         if self._engine is not None and self.switchkd_args.nonfinite == "skip":
             # Here: the optimizer is the accelerate-wrapped one by now, on every release.
             self._nonfinite.step_gate.attach(
