@@ -2,7 +2,8 @@
 
 losses/ at the bottom (torch and the standard library only), objective/ above adapters, losses,
 config and constants (never the Trainer or accelerate), training/ above objective, integrations/
-above training; testing/ and demo/ on top, imported by no library module.
+above training; testing/ and demo/ on top, imported by no library module; adapters/ below
+objective/; demo/ through the public names, not the objective's or the Trainer's modules.
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ FORBIDDEN = {
         "accelerate",
     ),
     "switchkd_plugin.training": ("switchkd_plugin.integrations", *TOP),
+    "switchkd_plugin.adapters": (
+        "switchkd_plugin.objective",
+        "switchkd_plugin.training",
+        "switchkd_plugin.integrations",
+    ),
+    # The app uses the public names (`switchkd_plugin`), adapters, constants and testing, and the
+    # Factory integration for its Factory host; never the objective's or the Trainer's insides.
+    "switchkd_plugin.demo": (
+        "switchkd_plugin.objective",
+        "switchkd_plugin.training",
+        "switchkd_plugin.config",
+    ),
 }
 
 
@@ -94,6 +107,8 @@ def test_imports_point_down_only():
         ("training/metrics.py", "from ..integrations.tinyllava import train"),
         ("adapters/base.py", "from switchkd_plugin.testing import build_tokenizer"),
         ("losses/rows.py", "import numpy"),
+        ("adapters/hf_llava.py", "from switchkd_plugin.objective.engine import SwitchKDEngine"),
+        ("demo/hosts.py", "from switchkd_plugin.training.trainer import SwitchKDTrainer"),
     ],
 )
 def test_a_planted_import_is_found(tmp_path, module, line):

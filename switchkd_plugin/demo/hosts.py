@@ -28,6 +28,7 @@ import transformers
 from torch import nn
 from torch.utils.data import Dataset
 
+from switchkd_plugin import SwitchKDTrainer, switchkd_trainer_class
 from switchkd_plugin.demo.hf_data import LlavaCollator, LlavaJsonDataset, chat_format_for
 from switchkd_plugin.demo.shapes import (
     FACTORY_CONV_VERSION,
@@ -38,7 +39,6 @@ from switchkd_plugin.demo.shapes import (
 )
 from switchkd_plugin.integrations.tinyllava.compat import factory_import_error, import_tinyllava
 from switchkd_plugin.testing.tiny_models import TinyVLMSpec, build_hf_llava, build_tinyllava
-from switchkd_plugin.training.trainer import SwitchKDTrainer, switchkd_trainer_class
 
 if TYPE_CHECKING:
     from tinyllava.data.dataset import LazySupervisedDataset

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from switchkd_plugin import SwitchKDArguments
 from switchkd_plugin.adapters import adapter_for
-from switchkd_plugin.config import SwitchKDArguments
 from switchkd_plugin.demo.cache import load_tensors, save_atomically
 from switchkd_plugin.demo.context import DemoContext
 from switchkd_plugin.demo.evaluation import OVERALL, Accuracy

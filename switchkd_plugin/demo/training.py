@@ -13,7 +13,7 @@ import transformers
 from torch import nn
 from torch.utils.data import Dataset
 
-from switchkd_plugin.config import SwitchKDArguments
+from switchkd_plugin import SwitchKDArguments
 from switchkd_plugin.constants import TOKENIZER_KWARG
 from switchkd_plugin.demo.config import EarlyStopping, TrainSchedule
 from switchkd_plugin.demo.hosts import DemoHost
