@@ -118,10 +118,13 @@ def _batch(case: Case, tokenizer, student):
 
     from switchkd_plugin.adapters import adapter_for
     from switchkd_plugin.testing import IGNORE_INDEX, make_host_batch
+    from switchkd_plugin.testing.tiny_models import hf_image_token_conventions
 
     adapter = adapter_for(student)
     images = make_host_batch(student, tokenizer, n=case.batch)[adapter.images_key]
     image_tokens = adapter.encode_vision(images[:1]).shape[1]
+    if "expanded" not in hf_image_token_conventions(student):  # transformers <= 4.44
+        image_tokens = 1  # one placeholder per image, which the model expands
     generator = torch.Generator().manual_seed(0)
     text = case.prompt_tokens + case.response_tokens
     ids = torch.randint(10, len(tokenizer) - 10, (case.batch, text), generator=generator)
