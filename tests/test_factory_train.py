@@ -211,7 +211,7 @@ def test_a_tied_student_saves_a_checkpoint_the_factory_loads(
 
     lora = recipe == "lora"
     flags = (*LORA_FLAGS, "--tune_type_vision_tower", "full") if lora else ()
-    # The recipes save what the loader reads only for these names (see the README).
+    # The recipes save what the loader reads only for these names (see docs/lora.md).
     out = tmp_path / ("tied-student-lora-finetune" if lora else "tied-student-finetune")
     log = _train(factory, tied_workspace, out, 1, *flags, "--pretrained_model_path",
                  str(tied_pretrained), "--group_by_modality_length", "True",

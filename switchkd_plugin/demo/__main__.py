@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
             metavar="DIR",
             default=None,
             help="a LLaVA JSON + image-folder dataset (train/val/test.json, images/, a "
-            "question_type per sample; see the README) instead of the generated shapes task",
+            "question_type per sample; see docs/demo.md) instead of the generated shapes task",
         )
         sub.add_argument(
             "--cache-dir",

@@ -328,5 +328,5 @@ def host_for(name: str, *, system_prompt: bool = False) -> DemoHost:
     raise ImportError(
         f"the tinyllava host needs TinyLLaVA Factory importable, and it is not "
         f"({reason}): put a TinyLLaVA Factory checkout on PYTHONPATH, "
-        "with peft and deepspeed installed (see the README), or use the hf_llava host"
+        "with peft and deepspeed installed (see docs/tinyllava.md), or use the hf_llava host"
     ) from error
