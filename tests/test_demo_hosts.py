@@ -96,7 +96,7 @@ def test_without_the_factory_auto_is_hf_llava_and_tinyllava_says_how_to_fix() ->
     assert isinstance(host_for("auto"), HFLlavaHost)
     with pytest.raises(ImportError, match="TinyLLaVA Factory") as error:
         host_for("tinyllava")
-    assert "PYTHONPATH" in str(error.value) and "README" in str(error.value)
+    assert "PYTHONPATH" in str(error.value) and "docs/tinyllava.md" in str(error.value)
 
 
 @needs_no_factory
