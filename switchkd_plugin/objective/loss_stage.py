@@ -6,15 +6,15 @@ its loss is known (as Liger-Kernel's fused linear losses do), and the logits are
 only scales what was kept. No lm_head runs twice: the alternative, recomputing each chunk's
 logits in backward, costs one more `[c, H] x [H, V]` product per differentiable pathway.
 
-The student's head is a plain linear layer in every family we support, so its backward is
-written out: the chunk's logit gradient `g` (`[c, V]`) gives the rows theirs (`g @ W`) and is
-accumulated into one weight-gradient buffer in place (`G += g^T @ rows`, one `addmm_`): one
-`[V, H]` buffer per step, however many chunks. Autograd would allocate a fresh `[V, H]`
-gradient per chunk and add it in (two alive at the peak, one allocation and one extra pass over
-`[V, H]` per chunk); a head of any other kind (a LoRA-wrapped or custom head) still takes that
-path (`_AutogradHead`), and its trainable weights are small. The written-out head reads its
-parameters directly, not through a module call: a sharded head (ZeRO-3) is gathered around the
-whole loop by the caller.
+The student's head is a plain linear layer in every family we support, so its weight gradient
+is not left to autograd: autograd gives each chunk's rows their gradient through the weight held
+constant, and a hook on the chunk's logits adds `g^T @ rows` (`g` the logits' gradient,
+`[c, V]`) into one weight-gradient buffer in place (`addmm_`): one `[V, H]` buffer per step,
+however many chunks. Autograd would allocate a fresh `[V, H]` gradient per chunk and add it in
+(two alive at the peak, one allocation and one extra pass over `[V, H]` per chunk); a head of
+any other kind (a LoRA-wrapped or custom head) still takes that path (`_AutogradHead`), and its
+trainable weights are small. The plain head reads its parameters directly, not through a module
+call: a sharded head (ZeRO-3, FSDP2) is gathered around the whole loop by the caller.
 
 Held from forward to backward: the gradients of the rows (`[n, H_S]`, `[n, H_T]`) and one
 gradient per trainable lm_head parameter, in the parameter's dtype (the student's `[V, H_S]`
@@ -107,22 +107,19 @@ class _GradientsInForward(torch.autograd.Function):
         total = student_rows.new_zeros((), dtype=torch.float32)
         for part in parts:
             with torch.enable_grad():
-                logits, leaf = run.logits(student_rows[part])
+                rows = student_rows[part].detach().requires_grad_()
                 switch = _part(switch_rows, part)
                 if switch_learns:
                     switch = switch.detach().requires_grad_()
-                loss, extra = chunk_terms(logits, switch, part)
-                leaves = [leaf, *([switch] if switch_learns else []), *run.leaf_params]
+                loss, extra = chunk_terms(run.logits(rows), switch, part)
+                # No reference to the logits is kept: they live only as long as the chunk's
+                # graph needs them.
+                leaves = [rows, *([switch] if switch_learns else []), *run.leaf_params]
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-            # The logits go before the head's products: at the peak only their gradient and
-            # the head's gradient buffer are alive.
-            del logits, leaf, leaves
-            param_grads = grads[len(grads) - len(run.leaf_params) :]
-            # Written-out products in the dtypes chosen above, not autocast's.
-            with torch.autocast(student_rows.device.type, enabled=False):
-                student_grad[part] = run.accumulate(grads[0], param_grads)
+            student_grad[part] = grads[0]
             if switch_learns:
                 switch_grad[part] = grads[1]
+            run.add_parameter_grads(grads[len(grads) - len(run.leaf_params) :])
             total += loss.detach()
             extras.append(extra)
         # Kept on ctx, not saved for backward: backward hands them over without another
@@ -143,12 +140,13 @@ class _GradientsInForward(torch.autograd.Function):
 
 
 class _LinearHead:
-    """A plain linear head's chunks: logits from detached rows, the backward written out, one
-    weight-gradient buffer accumulated in place.
+    """A plain linear head's chunks: autograd gives the rows their gradient through the head's
+    weight held constant, and a hook on each chunk's logits adds `g^T @ rows` into one
+    weight-gradient buffer in place (`addmm_`), as the logits' gradient `g` passes.
 
     Under autocast with float32 weights the weight gradient accumulates in float32 (autograd
-    would round each chunk's product to the compute dtype first); the rows' gradients and the
-    logits are computed as autograd and autocast would."""
+    would round each chunk's product to the compute dtype first); the logits and the rows'
+    gradients are what autocast and autograd make through the head module."""
 
     def __init__(self, head: nn.Linear, rows: Tensor) -> None:
         self.weight, self.bias = head.weight, head.bias
@@ -156,37 +154,43 @@ class _LinearHead:
         # Cast once per step, not per chunk (a no-op without autocast).
         self.weight_c = self.weight.detach().to(self.dtype)
         self.bias_c = None if self.bias is None else self.bias.detach().to(self.dtype)
-        self.weight_grad: Tensor | None = None
-        self.bias_grad: Tensor | None = None
+        self.learns = self.weight.requires_grad or (
+            self.bias is not None and self.bias.requires_grad
+        )
+        self.grads = {id(p): None for p in (self.weight, self.bias) if p is not None}
         self.leaf_params: list[Tensor] = []
 
-    def logits(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """(logits `[c, V]`, the leaf to differentiate: the logits themselves)."""
-        self.rows = rows.detach().to(self.dtype)
-        logits = F.linear(self.rows, self.weight_c, self.bias_c).requires_grad_()
-        return logits, logits
+    def logits(self, rows: Tensor) -> Tensor:
+        """`[c, V]` logits of `rows` (`[c, H]`, a leaf)."""
+        logits = F.linear(rows, self.weight_c, self.bias_c)
+        if self.learns:
+            rows_c = rows.detach().to(self.dtype)  # what the product read (autocast's cast)
+            logits.register_hook(lambda grad: self._add(grad, rows_c))
+        return logits
 
-    def accumulate(self, logits_grad: Tensor, _param_grads) -> Tensor:
-        """Adds the chunk's head gradients in place; returns the rows' gradient `[c, H]`."""
-        if self.weight.requires_grad:
-            weight_update = (logits_grad.t().to(self.weight.dtype), self.rows.to(self.weight.dtype))
-            if self.weight_grad is None:
-                self.weight_grad = torch.mm(*weight_update)
-            else:
-                self.weight_grad.addmm_(*weight_update)
-        if self.bias is not None and self.bias.requires_grad:
-            bias_update = logits_grad.sum(0, dtype=self.bias.dtype)
-            if self.bias_grad is None:
-                self.bias_grad = bias_update
-            else:
-                self.bias_grad.add_(bias_update)
-        return logits_grad @ self.weight_c
+    def _add(self, logits_grad: Tensor, rows: Tensor) -> None:
+        # In the parameters' dtypes, not autocast's.
+        with torch.autocast(rows.device.type, enabled=False):
+            if self.weight.requires_grad:
+                out = self._buffer(self.weight)
+                out.addmm_(logits_grad.t().to(out.dtype), rows.to(out.dtype))
+            if self.bias is not None and self.bias.requires_grad:
+                out = self._buffer(self.bias)
+                out.add_(logits_grad.sum(0, dtype=out.dtype))
+
+    def _buffer(self, param: Tensor) -> Tensor:
+        """The step's one gradient buffer of `param`, made at its first chunk."""
+        if self.grads[id(param)] is None:
+            self.grads[id(param)] = torch.zeros_like(param)
+        return self.grads[id(param)]
+
+    def add_parameter_grads(self, _grads) -> None:
+        """Nothing: the hook has added them."""
 
     def param_grads(self, params: list[Tensor]) -> list[Tensor]:
-        grads = {id(self.weight): self.weight_grad}
-        if self.bias is not None:
-            grads[id(self.bias)] = self.bias_grad
-        return [grads[id(p)] for p in params]
+        return [
+            torch.zeros_like(p) if self.grads[id(p)] is None else self.grads[id(p)] for p in params
+        ]
 
 
 class _AutogradHead:
@@ -197,18 +201,15 @@ class _AutogradHead:
         self.leaf_params = [p for p in head.parameters() if p.requires_grad]
         self.grads: list[Tensor] | None = None
 
-    def logits(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """(logits `[c, V]`, the leaf to differentiate: the rows)."""
-        leaf = rows.detach().requires_grad_()
-        return self.head(leaf), leaf
+    def logits(self, rows: Tensor) -> Tensor:
+        return self.head(rows)
 
-    def accumulate(self, rows_grad: Tensor, param_grads) -> Tensor:
+    def add_parameter_grads(self, grads) -> None:
         if self.grads is None:
-            self.grads = list(param_grads)
+            self.grads = list(grads)
         else:
-            for total, grad in zip(self.grads, param_grads, strict=True):
+            for total, grad in zip(self.grads, grads, strict=True):
                 total.add_(grad)
-        return rows_grad
 
     def param_grads(self, params: list[Tensor]) -> list[Tensor]:
         return list(self.grads or [])
