@@ -218,9 +218,11 @@ def step_function(case: Case):
     parameters = [p for p in student.parameters() if p.requires_grad]
 
     def run():
+        functions[case.kind]()
+        # Freed here, not at the next run's start: the next run's memory sample starts without
+        # them and counts the gradients that run makes.
         for p in parameters:
             p.grad = None
-        functions[case.kind]()
 
     return run
 
@@ -232,7 +234,7 @@ def _measure(case: Case, queue) -> None:
     run = step_function(case)
     times = []
     for repeat in range(case.repeats + 1):
-        if repeat == case.repeats:  # the last step: memory (grads of the previous one freed)
+        if repeat == case.repeats:  # the last step: memory
             run_memory = _PeakSampler()
             start = time.perf_counter()
             with run_memory:

@@ -27,3 +27,22 @@ def test_bench_step_kinds_run_one_step(kind: str) -> None:
     case = bench.Case(kind, teacher_widths="depth", vocab=1024, prompt_tokens=8,
                       response_tokens=8, batch=1, chunk=4, dtype="float32")  # fmt: skip
     bench.step_function(case)()
+
+
+def _bench_loss_stage():
+    sys.path.insert(0, str(BENCHMARKS))  # it imports bench_step's helpers
+    spec = importlib.util.spec_from_file_location(
+        "bench_loss_stage", BENCHMARKS / "bench_loss_stage.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["chunked", "unchunked", "floor", "trl"])
+def test_bench_loss_stage_kinds_run_once(kind: str) -> None:
+    if kind == "trl":
+        pytest.importorskip("trl", reason="the TRL row needs trl")
+    reset, run = _bench_loss_stage().loss_function(kind, chunks=3, rows=8, vocab=512)
+    run()
+    reset()

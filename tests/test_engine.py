@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from switchkd_plugin.adapters import HFLlavaAdapter, VLMAdapter, adapter_for
 from switchkd_plugin.config import SwitchKDArguments
@@ -224,32 +226,53 @@ def test_teacher_layers_are_checkpointed_one_by_one_with_the_same_gradients(mode
     assert_same_gradients(ckpt_grads, plain_grads, terms=batch["input_ids"].numel())
 
 
+class _MatmulsReading(TorchDispatchMode):
+    """Records the matrix products that read one tensor's storage (views of it included)."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        super().__init__()
+        self.storage, self.names = tensor.untyped_storage().data_ptr(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "bmm", "matmul") and any(
+            isinstance(t, Tensor) and t.untyped_storage().data_ptr() == self.storage
+            for t in tree_leaves((args, kwargs))
+        ):
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
 def test_every_lm_head_runs_once_per_chunk_in_forward_and_never_in_backward(
     hf_student, hf_teacher, tiny_tokenizer
 ):
     """With several chunks, each chunk's gradient is taken in forward: the student's lm_head
-    runs once per chunk, the teacher's twice (its no-grad rows, the switch rows), and backward
-    calls neither; align and VSD share one teacher-led top-k."""
+    weight is read by two products per chunk (its logits, and the rows' gradient: the head's
+    backward is written out, `loss_stage.py`), the teacher's lm_head runs twice per chunk (its
+    no-grad rows, the switch rows); backward reads neither head again. Align and VSD share one
+    teacher-led top-k."""
     student, teacher = copy.deepcopy(hf_student), hf_teacher
     batch = make_host_batch(student, tiny_tokenizer, n=3, seed=4)
-    calls = []  # (which head, grad enabled)
-    hooks = [
-        adapter_for(model).lm_head.register_forward_pre_hook(
-            lambda module, args, name=name: calls.append((name, torch.is_grad_enabled()))
-        )
-        for name, model in (("student", student), ("teacher", teacher))
-    ]
+    calls = []  # (teacher head, grad enabled)
+    hook = adapter_for(teacher).lm_head.register_forward_pre_hook(
+        lambda module, args: calls.append(("teacher", torch.is_grad_enabled()))
+    )
     engine = _engine(student, teacher, len(tiny_tokenizer), lm_head_chunk_size=8)
     assert engine.shared_teacher_rule is not None
-    terms = engine(batch)
+    student_head = _MatmulsReading(adapter_for(student).lm_head.weight)
+    with student_head:
+        terms = engine(batch)
     chunks = -(-terms.response_tokens // 8)
     assert chunks > 1
-    expected = [("student", True), ("teacher", False), ("teacher", True)] * chunks
+    expected = [("teacher", False), ("teacher", True)] * chunks
     assert calls == expected
-    terms.loss.backward()
-    for hook in hooks:
-        hook.remove()
+    assert len(student_head.names) == 2 * chunks, student_head.names
+    in_backward = _MatmulsReading(adapter_for(student).lm_head.weight)
+    with in_backward:
+        terms.loss.backward()
+    hook.remove()
     assert calls == expected  # nothing ran again in backward
+    assert in_backward.names == []
 
 
 # --------------------------------------------------------------------------- text-only samples

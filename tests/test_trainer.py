@@ -397,11 +397,11 @@ def test_bf16_training_keeps_the_losses_in_float32(hf_student, hf_teacher, tiny_
     with torch.autocast("cpu", dtype=torch.bfloat16):
         terms = trainer._engine(batches[0])
     assert terms.align.dtype == terms.vsd.dtype == terms.ce.dtype == torch.float32
-    # The student runs under the Trainer's autocast, as with --distill none: bf16 Linear outputs.
+    # The student runs under the Trainer's autocast, as with --distill none: bf16 Linear outputs
+    # (its decoder's last attention output here; the loss stage's logits: test_loss_stage.py).
     seen = []
-    hook = adapter_for(student).lm_head.register_forward_hook(
-        lambda module, args, output: seen.append(output.dtype)
-    )
+    last_linear = [m for n, m in student.named_modules() if n.endswith("o_proj")][-1]
+    hook = last_linear.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
     trainer.train()
     hook.remove()
     assert seen and set(seen) == {torch.bfloat16}

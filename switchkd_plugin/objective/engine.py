@@ -344,7 +344,7 @@ class SwitchKDEngine:
 
     def _chunk_terms(
         self,
-        student_hidden: Tensor,
+        student_logits: Tensor,
         switch_hidden: Tensor | None,
         targets: Tensor,
         teacher_hidden: Tensor | None,
@@ -356,7 +356,8 @@ class SwitchKDEngine:
         teacher's lm_head and the teacher-led top-k once, shared by align and VSD.
 
         Args:
-            student_hidden: `[c, H_S]` student rows.
+            student_logits: `[c, V_student]` the student's lm_head on its rows (the loss
+                stage computes them: `loss_stage.py`).
             switch_hidden: `[c, H_T]` switch-pass rows, or None (no switch pass).
             targets: `[c]` the token each row predicts.
             teacher_hidden: `[c, H_T]` teacher rows, or None (no distillation term).
@@ -367,7 +368,6 @@ class SwitchKDEngine:
         Returns the weighted loss (0-dim, with grad) and, detached, the ce, align and vsd sums
         and the k statistics of the DBiLD terms.
         """
-        student_logits = self.student.lm_head(student_hidden)  # [c, V_student]
         ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
         align = vsd = ce.new_zeros(())
         stats: dict[str, KStats | None] = {}
@@ -454,9 +454,9 @@ class SwitchKDEngine:
         if self.agree_chunks is not None:
             chunks = self.agree_chunks(chunks)
 
-        def chunk_terms(student_rows: Tensor, switch_rows: Tensor | None, part: slice):
+        def chunk_terms(student_logits: Tensor, switch_rows: Tensor | None, part: slice):
             return self._chunk_terms(
-                student_rows,
+                student_logits,
                 switch_rows,
                 rows.targets[part],
                 None if teacher_hidden is None else teacher_hidden[part],
@@ -467,11 +467,12 @@ class SwitchKDEngine:
 
         head = self.student.lm_head
         sharded = self.sharded_student_head
+        # The probe runs before the gather: the head's post-forward hook (ZeRO-3) would release
+        # the parameters the gather holds for the chunks.
+        probe = None if sharded is None else head(rows.hidden[:0])
         with nullcontext() if sharded is None else sharded():
-            probe = None if sharded is None else head(rows.hidden[:0])
             loss, extras = chunked_loss(
-                chunk_terms, chunks, chunk, rows.hidden, switch_hidden, list(head.parameters()),
-                probe,
+                chunk_terms, chunks, chunk, rows.hidden, switch_hidden, head, probe,
             )  # fmt: skip
         term_sums = [torch.stack(sums) for *sums, _ in extras]  # detached: for logging only
         stats_parts = [stats for *_, stats in extras]
