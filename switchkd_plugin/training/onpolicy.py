@@ -332,3 +332,19 @@ def _parameter_offload(wrapped: nn.Module):
     """The DeepSpeed engine's ZeRO-3 parameter coordinator (holding the module hooks)."""
     optimizer = getattr(wrapped, "optimizer", None)
     return getattr(optimizer, "parameter_offload", optimizer)
+
+
+# TRL trainers that generate their own completions and compute their own divergence.
+GENERATING_TRAINERS = ("DistillationTrainer", "GKDTrainer")
+
+
+def refuse_generating_host(trainer_class: type) -> None:
+    """Switch-KD on top of TRL's `DistillationTrainer` / `GKDTrainer` is not supported yet:
+    their generation and divergence would run beside ours. Say what works instead."""
+    for base in trainer_class.__mro__:
+        if base.__name__ in GENERATING_TRAINERS and base.__module__.startswith("trl."):
+            raise NotImplementedError(
+                f"Switch-KD on trl.{base.__name__} is not supported yet (its own generation and "
+                "divergence would run beside Switch-KD's): use switchkd_trainer_class(SFTTrainer) "
+                "with --lmbda for on-policy Switch-KD (docs/onpolicy.md)"
+            )

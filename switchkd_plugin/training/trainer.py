@@ -36,7 +36,12 @@ from switchkd_plugin.training.distributed import (
 from switchkd_plugin.training.loss_scale import BackwardRouter, window_tokens
 from switchkd_plugin.training.metrics import TermLog
 from switchkd_plugin.training.nonfinite import NonFiniteGuard
-from switchkd_plugin.training.onpolicy import ONPOLICY_KEY, build_onpolicy, without_ce
+from switchkd_plugin.training.onpolicy import (
+    ONPOLICY_KEY,
+    build_onpolicy,
+    refuse_generating_host,
+    without_ce,
+)
 from switchkd_plugin.training.peft import with_peft_student
 from switchkd_plugin.training.resume import (
     check_resume_settings,
@@ -80,6 +85,7 @@ class SwitchKDTrainerMixin:
         peft_config=None,
         **kwargs,
     ) -> None:
+        refuse_generating_host(type(self))
         if peft_config is not None:
             args, kwargs = with_peft_student(args, kwargs, peft_config)
         training_args = args[1] if len(args) > 1 else kwargs.get("args")
