@@ -138,12 +138,19 @@ def test_onpolicy_through_sft_trainer(example, workdir, tmp_path):
     assert [entry["onpolicy_batches"] for entry in logs] == [1, 1]
 
 
-@pytest.mark.parametrize("name", ["DistillationTrainer", "GKDTrainer"])
-def test_trls_own_distillation_trainers_are_refused_by_name(name):
-    host = getattr(trl, name, None)
-    if host is None:
-        pytest.skip(f"trl {trl.__version__} has no {name}")
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [("trl", "DistillationTrainer"), ("trl.experimental.gkd", "GKDTrainer")],
+)
+def test_trls_own_distillation_trainers_are_refused_by_name(module, name):
+    import importlib
+
     from switchkd_plugin import switchkd_trainer_class
+
+    try:
+        host = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        pytest.skip(f"trl {trl.__version__} has no {module}.{name}")
 
     with pytest.raises(NotImplementedError, match=rf"trl\.{name} is not supported yet"):
         switchkd_trainer_class(host)(switchkd_args=None)
