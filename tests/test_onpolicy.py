@@ -13,8 +13,16 @@ import pytest
 import torch
 import transformers
 
+from switchkd_plugin.adapters import adapter_for
+from switchkd_plugin.adapters.tinyllava import TinyLlavaAdapter
 from switchkd_plugin.config import SwitchKDArguments
-from switchkd_plugin.testing import IGNORE_INDEX, make_host_batch, student_spec, teacher_spec
+from switchkd_plugin.testing import (
+    FACTORY_IMAGE_TOKEN_INDEX,
+    IGNORE_INDEX,
+    make_host_batch,
+    student_spec,
+    teacher_spec,
+)
 from switchkd_plugin.testing import qwen_vl as qwen
 from switchkd_plugin.testing.trainer import assert_same_step, make_trainer
 from switchkd_plugin.training.onpolicy import (
@@ -33,12 +41,16 @@ GREEDY = {"lmbda": 1.0, "generation_temperature": 0.0, "max_new_tokens": MAX_NEW
 
 def _image_token(model) -> int:
     config = model.config
+    if isinstance(adapter_for(model), TinyLlavaAdapter):
+        return FACTORY_IMAGE_TOKEN_INDEX
     return getattr(config, "image_token_id", None) or config.image_token_index
 
 
 def _sample_images(batch: dict, b: int, image_token: int) -> dict:
     """The image inputs of sample `b` alone (LLaVA: one image per image sample, in order;
     Qwen-VL: its patch rows and grid); none for a text-only sample."""
+    if "images" in batch:  # TinyLLaVA: one (possibly blank) image per sample
+        return {"images": batch["images"][b : b + 1]}
     has_image = (batch["input_ids"] == image_token).any(1).tolist()
     if not has_image[b]:
         return {}
@@ -60,8 +72,10 @@ def _generated_alone(model, batch: dict, eos: int, pad: int) -> list[torch.Tenso
     for b in range(batch["input_ids"].shape[0]):
         supervised = (batch["labels"][b] != IGNORE_INDEX).nonzero()
         length = int(supervised[0])
+        factory = isinstance(adapter_for(model), TinyLlavaAdapter)
+        ids_key = "inputs" if factory else "input_ids"  # the Factory's generate(inputs, images)
         inputs = {
-            "input_ids": batch["input_ids"][b : b + 1, :length],
+            ids_key: batch["input_ids"][b : b + 1, :length],
             "attention_mask": torch.ones(1, length, dtype=torch.long),
             **_sample_images(batch, b, _image_token(model)),
         }
@@ -78,7 +92,7 @@ def _generated_alone(model, batch: dict, eos: int, pad: int) -> list[torch.Tenso
                 top_p=None,
                 top_k=None,
             )
-        new = out[0, length:]
+        new = out[0] if factory else out[0, length:]  # the Factory returns new tokens only
         ends = (new == eos).nonzero()
         responses.append(new[: int(ends[0]) + 1] if len(ends) else new)
     return responses
@@ -125,9 +139,17 @@ def _eos_ending_one_sample_early(model, batch: dict, pad: int) -> tuple[int, int
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(params=["hf_llava", "hf_llava_text_only_row", "qwen2_5_vl"])
+@pytest.fixture(params=["hf_llava", "hf_llava_text_only_row", "qwen2_5_vl", "tinyllava"])
 def host(request, hf_student, hf_teacher, tiny_tokenizer):
     """(student, teacher, tokenizer, batch) of one host."""
+    if request.param == "tinyllava":  # skips without the Factory
+        student = request.getfixturevalue("tinyllava_student")
+        teacher = request.getfixturevalue("tinyllava_teacher")
+        # Seeds where sample 0's greedy response has a token the others' lack (random tiny
+        # Factory models often answer every prompt alike), for each generating model.
+        seed = 0 if request.node.callspec.params.get("seq_kd") else 1
+        batch = make_host_batch(student, tiny_tokenizer, n=3, seed=seed, text_only_rows=(1,))
+        return copy.deepcopy(student), teacher, tiny_tokenizer, batch
     if request.param.startswith("hf_llava"):
         text_only = (1,) if request.param.endswith("text_only_row") else ()
         batch = make_host_batch(hf_student, tiny_tokenizer, n=3, seed=5, text_only_rows=text_only)

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
 from torch import Tensor, nn
 
+from switchkd_plugin.adapters import adapter_for
+from switchkd_plugin.adapters.tinyllava import TinyLlavaAdapter
 from switchkd_plugin.constants import IGNORE_INDEX
 from switchkd_plugin.objective.engine import SwitchKDEngine
-from switchkd_plugin.training.compat import TRAINER_PASSES_NUM_ITEMS, host_tokenizer
+from switchkd_plugin.training.compat import host_tokenizer
 from switchkd_plugin.training.distributed import zero3_enabled
 from switchkd_plugin.training.setup import teacher_sharded
 
@@ -180,12 +181,31 @@ def generate_responses(model: nn.Module, batch: dict, settings: GenerationSettin
     model.eval()
     try:
         with torch.no_grad():
-            sequences = model.generate(**prompts, **settings.generate_kwargs())
+            new_tokens = _generated_tokens(model, prompts, settings.generate_kwargs())
     finally:
         model.train(was_training)
-    new_tokens = sequences[:, prompts["input_ids"].shape[1] :]
     responses = cut_at_eos(new_tokens, settings.eos_token_ids)
     return rebuilt_batch(batch, lengths, responses, settings.pad_token_id)
+
+
+def _generated_tokens(model: nn.Module, prompts: dict, kwargs: dict) -> Tensor:
+    """`[B, N]` the tokens `model.generate` adds to the left-padded `prompts`. HF models take
+    `input_ids` and return them with the new tokens. TinyLLaVA's `generate(inputs, images)`
+    starts from embeddings, returns the new tokens only, and re-pads the prompts on the side its
+    `config.tokenizer_padding_side` names: left, for the length of the call."""
+    if not isinstance(adapter_for(model), TinyLlavaAdapter):
+        return model.generate(**prompts, **kwargs)[:, prompts["input_ids"].shape[1] :]
+    config = getattr(model, "get_base_model", lambda: model)().config
+    saved = config.to_dict().get("tokenizer_padding_side")  # None: unset (then unset again)
+    config.tokenizer_padding_side = "left"
+    try:
+        ids, rest = prompts["input_ids"], {k: v for k, v in prompts.items() if k != "input_ids"}
+        return model.generate(inputs=ids, **rest, **kwargs)
+    finally:
+        if saved is None:
+            del config.tokenizer_padding_side
+        else:
+            config.tokenizer_padding_side = saved
 
 
 def without_ce(engine: SwitchKDEngine) -> SwitchKDEngine:
@@ -273,12 +293,6 @@ def build_onpolicy(trainer, settings) -> OnPolicyBatches | None:
     the Trainer then runs exactly as without this module. Refuses what it does not support."""
     if settings.distill != "switchkd" or settings.lmbda == 0:
         return None
-    if not TRAINER_PASSES_NUM_ITEMS:
-        raise ValueError(
-            f"--lmbda > 0 needs transformers >= 4.46 (the Trainer's get_batch_samples, where "
-            f"on-policy batches are rebuilt before their tokens are counted); installed: "
-            f"{transformers.__version__}. Use --lmbda 0 on this release"
-        )
     if getattr(trainer, "is_fsdp_enabled", False):
         raise NotImplementedError("--lmbda > 0 is not supported under FSDP yet; use ZeRO-3")
     if settings.seq_kd and zero3_enabled() and teacher_sharded(settings):

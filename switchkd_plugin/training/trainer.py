@@ -121,7 +121,8 @@ class SwitchKDTrainerMixin:
         loader = super().get_train_dataloader()
         if self._engine is None:
             return loader
-        return counting_windows(loader, self.args.gradient_accumulation_steps)
+        rebuild = None if self._onpolicy is None else self._onpolicy  # where the loader counts
+        return counting_windows(loader, self.args.gradient_accumulation_steps, rebuild)
 
     # ----------------------------------------------------------------------------- resume
 
@@ -232,8 +233,9 @@ class SwitchKDTrainerMixin:
         )
 
     def get_batch_samples(self, epoch_iterator, *args, **kwargs):
-        """The host's, on batches decided (and rebuilt) on- or off-policy as they are fetched:
-        it then counts the window's tokens on what is trained."""
+        """The host's (transformers >= 4.46; before, `counting_windows` rebuilds), on batches
+        decided (and rebuilt) on- or off-policy as they are fetched: it then counts the
+        window's tokens on what is trained."""
         if self._onpolicy is not None:
             epoch_iterator = self._onpolicy.rebuilding(epoch_iterator)
         return super().get_batch_samples(epoch_iterator, *args, **kwargs)
