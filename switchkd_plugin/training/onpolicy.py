@@ -68,7 +68,8 @@ class GenerationSettings:
 
 
 def generation_settings(args, model: nn.Module, tokenizer) -> GenerationSettings:
-    """The run's settings; EOS from the model's `generation_config`, else the tokenizer."""
+    """From the run's `SwitchKDArguments` `args`; EOS from the student's `generation_config`,
+    else its tokenizer's; padding with the tokenizer's pad token, else EOS."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
     config = getattr(model, "generation_config", None)
     eos = getattr(config, "eos_token_id", None)
