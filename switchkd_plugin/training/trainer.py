@@ -121,8 +121,8 @@ class SwitchKDTrainerMixin:
         loader = super().get_train_dataloader()
         if self._engine is None:
             return loader
-        rebuild = None if self._onpolicy is None else self._onpolicy  # where the loader counts
-        return counting_windows(loader, self.args.gradient_accumulation_steps, rebuild)
+        # Where the loader counts the window's tokens, on-policy batches are rebuilt there.
+        return counting_windows(loader, self.args.gradient_accumulation_steps, self._onpolicy)
 
     # ----------------------------------------------------------------------------- resume
 
