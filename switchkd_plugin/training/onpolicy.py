@@ -303,8 +303,8 @@ def build_onpolicy(trainer, settings) -> OnPolicyBatches | None:
 
     def generator_model() -> tuple[nn.Module, contextlib.AbstractContextManager]:
         if settings.seq_kd:
-            return trainer.teacher, contextlib.nullcontext()
-        return trainer.model, gathered_for_generation(trainer.model_wrapped)
+            return trainer.teacher, trainer.accelerator.autocast()
+        return trainer.model, _generating_student(trainer)
 
     args = trainer.args
     return OnPolicyBatches(
@@ -314,6 +314,14 @@ def build_onpolicy(trainer, settings) -> OnPolicyBatches | None:
         args.process_index,
         generator_model,
     )
+
+
+@contextlib.contextmanager
+def _generating_student(trainer) -> Iterator[None]:
+    """The student's generation under the host's autocast (as its forward in training), with
+    its parameters gathered under ZeRO-3."""
+    with trainer.accelerator.autocast(), gathered_for_generation(trainer.model_wrapped):
+        yield
 
 
 @contextlib.contextmanager
