@@ -1,7 +1,7 @@
 """One Switch-KD training step against its parts and a full-logits implementation, same run.
 
     python benchmarks/bench_step.py                  # every table (CPU: about 20-25 min)
-    python benchmarks/bench_step.py --tables time    # (a)-(c) only; also: depth, chunks
+    python benchmarks/bench_step.py --tables time    # (a)-(c) only; also: depth, chunks, onpolicy
     python benchmarks/bench_step.py --dtype float32  # CPUs without bf16 matmul kernels
 
 Models: HF LLaVA built offline, random weights, bf16 (`--dtype`), SDPA attention; language
@@ -21,6 +21,9 @@ process; every figure is a ratio to a baseline measured in the same run:
   (e) the step's extra peak memory at --lm_head_chunk_size 128, 256 and 0 (one chunk), with
       1,024 response rows and V = 32,768 (a CPU run at the full vocabulary and this many rows
       takes too long; logits and the lm_head gradient both scale with V, so the ratios hold)
+  (f) on-policy (--lmbda, docs/onpolicy.md): the student's greedy generation of the batch's
+      responses (as many tokens as (a)-(c) supervise, KV cache on) against the Switch-KD step
+      on the same batch, and its share of an on-policy step
 
 Extra peak memory: the highest resident set size sampled (every 0.5 ms) during one step, minus
 the resident set size just before it. Large allocations are served by mmap
@@ -47,7 +50,7 @@ DEPTH_TEACHER = dict(hidden_size=1024, intermediate_size=2816, num_heads=16, num
 class Case:
     """One measurement: what runs, on which models and batch."""
 
-    kind: str  # sft | student | teacher | switch | step | full
+    kind: str  # sft | student | teacher | switch | step | full | generate
     teacher_layers: int = 2
     teacher_widths: str = "3b"  # 3b | depth
     vocab: int = QWEN_VOCAB
@@ -150,6 +153,7 @@ def step_function(case: Case):
     from switchkd_plugin.config import SwitchKDArguments
     from switchkd_plugin.losses import dbild_loss
     from switchkd_plugin.objective.engine import IGNORE_INDEX, ResponseRows, SwitchKDEngine
+    from switchkd_plugin.training.onpolicy import prompt_batch, prompt_lengths
     from switchkd_plugin.training.setup import engine_options
 
     tokenizer, student, teacher = _models(case)
@@ -213,8 +217,18 @@ def step_function(case: Case):
         )
         loss.backward()
 
+    def generate():  # the on-policy generation: prompts as rebuilt, exactly the response length
+        prompts = prompt_batch(batch, prompt_lengths(batch), tokenizer.pad_token_id)
+        student.eval()
+        with torch.no_grad():
+            student.generate(**prompts, min_new_tokens=case.response_tokens,
+                             max_new_tokens=case.response_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        student.train()
+
     functions = {"sft": sft, "student": student_pass, "teacher": teacher_pass,
-                 "switch": switch_pass, "step": step, "full": full_logits}  # fmt: skip
+                 "switch": switch_pass, "step": step, "full": full_logits,
+                 "generate": generate}  # fmt: skip
     parameters = [p for p in student.parameters() if p.requires_grad]
 
     def run():
@@ -316,10 +330,21 @@ def chunk_table(dtype: str) -> None:
         print(f"  chunk {chunk or rows:>4}: {_mib(peak):>10}  {peak / peaks[0]:.2f}x")
 
 
+def onpolicy_table(repeats: int, dtype: str) -> None:
+    base = Case("step", repeats=repeats, dtype=dtype)
+    generation, step = (_run(dataclasses.replace(base, kind=kind))[0]
+                        for kind in ("generate", "step"))  # fmt: skip
+    print(f"\n(f): on-policy, B={base.batch}, {base.response_tokens} tokens generated per sample "
+          f"(greedy, KV cache) after {base.prompt_tokens} prompt tokens + the image's")  # fmt: skip
+    print(f"  generation {generation:.2f} s, Switch-KD step {step:.2f} s: generation = "
+          f"{generation / step:.2f}x the step, {generation / (generation + step):.0%} of an "
+          f"on-policy step")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tables", nargs="+", default=["time", "depth", "chunks"],
-                        choices=["time", "depth", "chunks"])  # fmt: skip
+    parser.add_argument("--tables", nargs="+", default=["time", "depth", "chunks", "onpolicy"],
+                        choices=["time", "depth", "chunks", "onpolicy"])  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2, help="timed steps after a warm-up")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="weights dtype (float32 on CPUs without bf16 matmul kernels, "
@@ -333,6 +358,7 @@ def main() -> None:
         "time": lambda: time_table(args.repeats, args.dtype),
         "depth": lambda: depth_table(args.dtype),
         "chunks": lambda: chunk_table(args.dtype),
+        "onpolicy": lambda: onpolicy_table(args.repeats, args.dtype),
     }
     for table in args.tables:
         tables[table]()

@@ -97,6 +97,19 @@ class SwitchKDArguments:
     nonfinite_max_in_a_row: int = _arg(
         10, "--nonfinite skip: stop with the diagnosis once this many micro-batches in a row fail."
     )
+    lmbda: float = _arg(
+        0.0,
+        "On-policy share (GKD's lambda): the probability that a micro-batch's responses are "
+        "replaced by the student's own generations (0: off-policy only; docs/onpolicy.md).",
+    )
+    seq_kd: bool = _arg(
+        False, "On-policy batches take the teacher's generations instead (sequence-level KD)."
+    )
+    max_new_tokens: int = _arg(128, "On-policy: the most tokens generated per response.")
+    generation_temperature: float = _arg(
+        1.0, "On-policy: sampling temperature (0: greedy decoding)."
+    )
+    top_p: float = _arg(1.0, "On-policy: nucleus sampling mass in (0, 1] (1: off).")
 
     def __post_init__(self) -> None:
         for name, valid in (
@@ -119,6 +132,7 @@ class SwitchKDArguments:
         if not self.temperature > 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         self._check_k_options()
+        self._check_onpolicy_options()
         if self.teacher_attn_implementation not in (None, *ATTN_IMPLEMENTATIONS):
             raise ValueError(
                 f"--teacher_attn_implementation {self.teacher_attn_implementation!r}: choose one "
@@ -156,6 +170,28 @@ class SwitchKDArguments:
         if self.fixed_k < 2:
             raise ValueError(
                 f"--fixed_k must be >= 2 (a pair needs two tokens), got {self.fixed_k}"
+            )
+
+    def _check_onpolicy_options(self) -> None:
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"--lmbda is a probability in [0, 1], got {self.lmbda}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.generation_temperature < 0:
+            raise ValueError(
+                f"--generation_temperature must be >= 0 (0: greedy), got "
+                f"{self.generation_temperature}"
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.lmbda > 0 and self.distill != "switchkd":
+            raise ValueError("--lmbda > 0 (on-policy Switch-KD) needs --distill switchkd")
+        if self.seq_kd and self.lmbda == 0:
+            raise ValueError("--seq_kd sets who generates on-policy batches: give --lmbda > 0")
+        if self.lmbda > 0 and self.distill == "switchkd" and not self.needs_teacher:
+            raise ValueError(
+                "--lmbda > 0 with --w_align 0 --w_vsd 0 leaves nothing to learn from: CE on "
+                "the student's own generations is not applied (docs/onpolicy.md)"
             )
 
     def check_k_options(self, vocab_size: int) -> None:

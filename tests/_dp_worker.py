@@ -125,6 +125,9 @@ def main(
     skipping = world_micro_batches.startswith(("split-nan", "split-adamw"))
     if skipping:
         batches, options = _skipped_window(world_micro_batches, student, micro, training)
+    onpolicy = os.environ.get("SWITCHKD_TEST_ONPOLICY") == "1"
+    if onpolicy:  # every micro-batch generated, greedily
+        options.update(lmbda=1.0, generation_temperature=0.0, max_new_tokens=5)
     # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.
     # The ranks' micro-batches need different chunk counts: they agree on the larger one.
     trainer = make_trainer(student, tokenizer, batches, out_dir, teacher=teacher,
@@ -138,7 +141,7 @@ def main(
         with open(os.path.join(out_dir, "teacher_trace.txt"), "w") as file:
             file.write("complete" if coordinator.is_complete_trace() else "not complete")
     trainer.save_model(out_dir)  # gathers ZeRO-3 shards on rank 0
-    if skipping and trainer.args.process_index == 0:
+    if (skipping or onpolicy) and trainer.args.process_index == 0:
         with open(os.path.join(out_dir, "log_history.json"), "w") as file:
             json.dump(trainer.state.log_history, file)
     if torch.distributed.is_initialized():

@@ -20,7 +20,9 @@ def _bench_step():
     return module
 
 
-@pytest.mark.parametrize("kind", ["sft", "student", "teacher", "switch", "step", "full"])
+@pytest.mark.parametrize(
+    "kind", ["sft", "student", "teacher", "switch", "step", "full", "generate"]
+)
 def test_bench_step_kinds_run_one_step(kind: str) -> None:
     bench = _bench_step()
     # The paper's student widths, the small depth-table teacher, a small vocabulary and batch.

@@ -57,9 +57,11 @@ def _run(
     text_only: bool = False,
     find_unused: bool = True,
     refused: str | None = None,
+    onpolicy: bool = False,
 ) -> dict[str, torch.Tensor] | str:
     """The student's weights after one step of `_dp_worker.py` (`family`: hf_llava, qwen2_5_vl,
-    qwen3_vl; `text_only`: the second micro-batch has no image; `find_unused` False: DDP's
+    qwen3_vl; `text_only`: the second micro-batch has no image; `onpolicy`: `--lmbda 1`,
+    greedy responses; `find_unused` False: DDP's
     find_unused_parameters off, the parameters the host never uses frozen); on DeepSpeed <
     0.15.4 under ZeRO-3, the run's output, which must hold the trainer's refusal."""
     out = tmp_path / f"{processes}-ranks-zero{stage}-{teacher_zero3}"
@@ -71,6 +73,7 @@ def _run(
     env["SWITCHKD_TEST_TEACHER_CHECKPOINTING"] = str(int(teacher_checkpointing))
     env["SWITCHKD_TEST_TEXT_ONLY"] = str(int(text_only))
     env["SWITCHKD_TEST_FIND_UNUSED"] = str(int(find_unused))
+    env["SWITCHKD_TEST_ONPOLICY"] = str(int(onpolicy))
     if stage is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(NO_SHM), os.environ.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -205,3 +208,17 @@ def test_ddp_without_find_unused_refuses_a_student_with_unreached_parameters(tmp
         mode="split-adamw-checkpointed",
         refused="--ddp_find_unused_parameters True",
     )
+
+
+@pytest.mark.parametrize("stage", [None, 3], ids=["ddp-2", "zero3-2"])
+def test_onpolicy_ranks_take_the_one_rank_step(tmp_path, stage):
+    """`--lmbda 1`, greedy: each rank generates its own micro-batch's responses (padded on the
+    rank; under ZeRO-3 with the student's parameters gathered, as the ranks stop generating at
+    different lengths) and the step equals 1 rank accumulating both micro-batches."""
+    if stage is not None and (not HAS_DEEPSPEED or OLD_ZERO3):
+        pytest.skip("needs deepspeed >= 0.15.4 (pip install -e '.[deepspeed]')")
+    reference = _run(tmp_path / "one", 1, None, onpolicy=True)
+    after = _run(tmp_path / "two", 2, stage, onpolicy=True)
+    assert_same_step(after, reference, _initial_weights())
+    logs = json.loads(next((tmp_path / "two").glob("2-ranks-*/log_history.json")).read_text())
+    assert [e["onpolicy_batches"] for e in logs if "loss" in e] == [1]  # per rank

@@ -125,3 +125,32 @@ def test_example_distils_through_sft_trainer(example, workdir, tmp_path):
     assert (out / "processor_config.json").is_file()
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert tokenizer.get_vocab() == trainer.processing_class.tokenizer.get_vocab()
+
+
+def test_onpolicy_through_sft_trainer(example, workdir, tmp_path):
+    """`--lmbda 1` on SFTTrainer's own VLM batches: every micro-batch generated (greedy) from
+    TRL's collated prompts and trained, the count logged."""
+    family, root = workdir
+    argv = _argv(root, tmp_path / "run", "--max_steps", "2", "--lmbda", "1")
+    argv += ["--generation_temperature", "0", "--max_new_tokens", "4"]
+    trainer = example.main(argv, _processor(family))
+    logs = [entry for entry in trainer.state.log_history if "ce" in entry]
+    assert [entry["onpolicy_batches"] for entry in logs] == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [("trl", "DistillationTrainer"), ("trl.experimental.gkd", "GKDTrainer")],
+)
+def test_trls_own_distillation_trainers_are_refused_by_name(module, name):
+    import importlib
+
+    from switchkd_plugin import switchkd_trainer_class
+
+    try:
+        host = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        pytest.skip(f"trl {trl.__version__} has no {module}.{name}")
+
+    with pytest.raises(NotImplementedError, match=rf"trl\.{name} is not supported yet"):
+        switchkd_trainer_class(host)(switchkd_args=None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 
 import numpy as np
@@ -26,10 +26,11 @@ WINDOW_ITEMS_KEY = "switchkd_window_items"
 
 class WindowCountingLoader:
     """Retires at transformers 4.46. Wraps a train dataloader to tag each batch with the number
-    of supervised tokens in its gradient-accumulation window, as newer Trainers compute."""
+    of supervised tokens in its gradient-accumulation window, as newer Trainers compute.
+    `rebuild` (on-policy batches, `onpolicy.py`) runs on each batch before it is counted."""
 
-    def __init__(self, loader, window: int) -> None:
-        self.loader, self.window = loader, window
+    def __init__(self, loader, window: int, rebuild: Callable[[dict], dict] | None = None) -> None:
+        self.loader, self.window, self.rebuild = loader, window, rebuild
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -39,17 +40,20 @@ class WindowCountingLoader:
 
     def __iter__(self) -> Iterator[dict]:
         batches = iter(self.loader)
-        while window := list(islice(batches, self.window)):
+        rebuild = self.rebuild or (lambda batch: batch)
+        while window := list(map(rebuild, islice(batches, self.window))):
             items = sum(int((batch["labels"][..., 1:] != IGNORE_INDEX).sum()) for batch in window)
             for batch in window:
                 batch[WINDOW_ITEMS_KEY] = items
                 yield batch
 
 
-def counting_windows(loader, window: int):
-    """Retires at transformers 4.46: `loader`, tagged with window counts where the Trainer
-    does not pass them."""
-    return loader if TRAINER_PASSES_NUM_ITEMS else WindowCountingLoader(loader, window)
+def counting_windows(loader, window: int, rebuild: Callable[[dict], dict] | None = None):
+    """Retires at transformers 4.46: `loader`, tagged with window counts (of the batches as
+    `rebuild` makes them) where the Trainer does not pass them."""
+    if TRAINER_PASSES_NUM_ITEMS:
+        return loader
+    return WindowCountingLoader(loader, window, rebuild)
 
 
 @contextlib.contextmanager
@@ -73,7 +77,8 @@ def skipping_keeps_window_counts() -> Iterator[None]:
                 f"resuming skips {num_batches} micro-batches, not a whole number of "
                 f"{loader.window}-batch accumulation windows"
             )
-        return WindowCountingLoader(original(loader.loader, num_batches), loader.window)
+        skipped = original(loader.loader, num_batches)
+        return WindowCountingLoader(skipped, loader.window, loader.rebuild)
 
     module.skip_first_batches = skip
     try:

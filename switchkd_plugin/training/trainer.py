@@ -36,6 +36,12 @@ from switchkd_plugin.training.distributed import (
 from switchkd_plugin.training.loss_scale import BackwardRouter, window_tokens
 from switchkd_plugin.training.metrics import TermLog
 from switchkd_plugin.training.nonfinite import NonFiniteGuard
+from switchkd_plugin.training.onpolicy import (
+    ONPOLICY_KEY,
+    build_onpolicy,
+    refuse_generating_host,
+    without_ce,
+)
 from switchkd_plugin.training.peft import with_peft_student
 from switchkd_plugin.training.resume import (
     check_resume_settings,
@@ -79,6 +85,7 @@ class SwitchKDTrainerMixin:
         peft_config=None,
         **kwargs,
     ) -> None:
+        refuse_generating_host(type(self))
         if peft_config is not None:
             args, kwargs = with_peft_student(args, kwargs, peft_config)
         training_args = args[1] if len(args) > 1 else kwargs.get("args")
@@ -103,6 +110,7 @@ class SwitchKDTrainerMixin:
             )  # fmt: skip
             self._backward = BackwardRouter(self.accelerator)
             mark_loss_normalised(self)  # the gradients never see the host's division
+        self._onpolicy = build_onpolicy(self, settings)  # None: off-policy (--lmbda 0)
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -113,7 +121,8 @@ class SwitchKDTrainerMixin:
         loader = super().get_train_dataloader()
         if self._engine is None:
             return loader
-        return counting_windows(loader, self.args.gradient_accumulation_steps)
+        # Where the loader counts the window's tokens, on-policy batches are rebuilt there.
+        return counting_windows(loader, self.args.gradient_accumulation_steps, self._onpolicy)
 
     # ----------------------------------------------------------------------------- resume
 
@@ -124,6 +133,8 @@ class SwitchKDTrainerMixin:
             resume = get_last_checkpoint(self.args.output_dir)  # None: the host says so
         if resume:
             check_resume_settings(resume, self.switchkd_args)
+            if self._onpolicy is not None:  # before the first window is fetched
+                self._onpolicy.load(resume)
         counting = self._engine is not None
         with skipping_keeps_window_counts() if counting else contextlib.nullcontext():
             return super().train(*args, **kwargs)
@@ -148,6 +159,11 @@ class SwitchKDTrainerMixin:
         if self.args.should_save:
             save_switchkd_settings(output_dir or self.args.output_dir, self.switchkd_args)
 
+    def _save_rng_state(self, output_dir) -> None:
+        super()._save_rng_state(output_dir)
+        if self._onpolicy is not None:
+            self._onpolicy.save(output_dir)
+
     def _load_rng_state(self, checkpoint) -> None:
         with numpy_rng_state_loadable():
             super()._load_rng_state(checkpoint)
@@ -159,9 +175,10 @@ class SwitchKDTrainerMixin:
             kwargs = host_loss_kwargs(num_items_in_batch)
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         window_items = inputs.pop(WINDOW_ITEMS_KEY, None)
-        terms = self._run_engine(model, inputs)
+        engine = without_ce(self._engine) if inputs.pop(ONPOLICY_KEY, False) else self._engine
+        terms = self._run_engine(model, inputs, engine)
         if not model.training:  # evaluation: the mean over this batch's response tokens
-            self._eval_log.add(terms, self._engine.options.weights)
+            self._eval_log.add(terms, engine.options.weights)
             loss = terms.loss / max(terms.response_tokens, 1)
         elif (skipped := self._skip_if_non_finite(model, inputs, terms)) is not None:
             loss = skipped  # a zero-gradient loss: no scaling to get right
@@ -174,10 +191,10 @@ class SwitchKDTrainerMixin:
             self._backward.expect(loss)  # the gradients are those of `loss`, on every release
             if num_items_in_batch is None:  # such Trainers report loss / accumulation steps
                 loss = loss * self.args.gradient_accumulation_steps
-            self._term_log.add(terms, self._engine.options.weights)
+            self._term_log.add(terms, engine.options.weights)
         return (loss, {"loss": loss}) if return_outputs else loss
 
-    def _run_engine(self, model: nn.Module, batch: dict) -> StepTerms:
+    def _run_engine(self, model: nn.Module, batch: dict, engine: SwitchKDEngine) -> StepTerms:
         """Run the engine through `model`'s wrapper (DDP / DeepSpeed) so its forward hooks and
         gradient bookkeeping see the student computation."""
         inner = self._unwrap(model)
@@ -191,8 +208,8 @@ class SwitchKDTrainerMixin:
         # model's parts, not its forward, and replaces the forward below.
         with self.accelerator.autocast():
             if inner is model:
-                return self._engine(batch)
-            with swapped_forward(inner, lambda b: (lambda t: (t.loss, t))(self._engine(b))):
+                return engine(batch)
+            with swapped_forward(inner, lambda b: (lambda t: (t.loss, t))(engine(b))):
                 return model(batch)[1]
 
     def _unwrap(self, model: nn.Module) -> nn.Module:
@@ -214,6 +231,14 @@ class SwitchKDTrainerMixin:
             step=self.state.global_step,
             locate=lambda: locate_non_finite(self._engine, batch),  # every rank: in step
         )
+
+    def get_batch_samples(self, epoch_iterator, *args, **kwargs):
+        """The host's (transformers >= 4.46; before, `counting_windows` rebuilds), on batches
+        decided (and rebuilt) on- or off-policy as they are fetched: it then counts the
+        window's tokens on what is trained."""
+        if self._onpolicy is not None:
+            epoch_iterator = self._onpolicy.rebuilding(epoch_iterator)
+        return super().get_batch_samples(epoch_iterator, *args, **kwargs)
 
     def training_step(self, model, *args, **kwargs):
         loss = super().training_step(model, *args, **kwargs)
@@ -240,6 +265,8 @@ class SwitchKDTrainerMixin:
         if "loss" in logs and self._engine is not None:  # a training log: the per-term means
             logs.update(self._term_log.pop(self._sum_over_ranks))  # every rank logs: collective
             logs.update(self._nonfinite.pop_log())
+            if self._onpolicy is not None:
+                logs.update(self._onpolicy.pop_log())
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(
