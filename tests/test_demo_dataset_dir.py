@@ -1,6 +1,7 @@
 """``--data DIR``: a LLaVA JSON + image-folder dataset the demo did not generate: its checks (a
 malformed file names the sample and the field), its question types and chance, and a run on it
-(the teacher trains its own vision encoder; the students start from it)."""
+(the shared vision encoder is pretrained on its images without labels; teacher and students start
+from it)."""
 
 from __future__ import annotations
 
@@ -239,16 +240,19 @@ def test_a_run_on_a_dataset_directory(dataset_dir: Path, tmp_path: Path) -> None
     rows = run_default(config, tmp_path)
     assert list(rows["teacher"]) == ["hue", "presence", "side", OVERALL]
 
-    # No cell labels: the teacher trained its own vision encoder, and the students start from it.
+    # No labels needed: the encoder was pretrained on the directory's images (cached), the
+    # teacher kept it frozen, and the students start from it.
+    (vision_dir,) = tmp_path.glob("vision-*")
+    assert (vision_dir / "vision.pt").is_file()
     context = prepare(config, tmp_path)
-    teacher_vision = adapter_for(context.teacher).vision_module.state_dict()
     fresh = build_model(context.host, config.teacher, context.tokenizer)
     fresh_vision = adapter_for(fresh).vision_module.state_dict()
-    assert any(not torch.equal(fresh_vision[n], v) for n, v in teacher_vision.items())
+    assert any(not torch.equal(fresh_vision[n], v) for n, v in context.vision_state.items())
+    teacher_vision = adapter_for(context.teacher).vision_module.state_dict()
     student_vision = adapter_for(initial_student(context, 0)).vision_module.state_dict()
-    for name, value in teacher_vision.items():
+    for name, value in context.vision_state.items():
+        assert torch.equal(teacher_vision[name], value), name
         assert torch.equal(student_vision[name], value), name
-    assert not list(tmp_path.glob("vision-*"))  # nothing was pretrained
 
 
 def _rewrite_answers(root: Path) -> None:
