@@ -226,3 +226,13 @@ def test_a_teacher_that_tunes_its_encoder_leaves_the_students_the_shared_one(tmp
     teacher = prepare(config, tmp_path).teacher
     for name, value in adapter_for(teacher).vision_module.state_dict().items():
         assert torch.equal(value, context.vision_state[name]), name
+
+
+def test_run_settings_leave_out_what_does_not_apply() -> None:
+    # The replication's finished runs are keyed by these: a shapes-task run with a frozen teacher
+    # keeps the key it had before the label-free recipe and the tuned teacher existed.
+    base = DemoConfig()
+    assert not {"vision_recipe", "teacher_vision"} & set(base.settings())
+    assert "vision_recipe" in dataclasses.replace(base, data_dir="/data").settings()
+    tuned = dataclasses.replace(base, teacher_vision=TeacherVision(lr_scale=0.1))
+    assert tuned.settings()["teacher_vision"] == {"lr_scale": 0.1, "frozen_steps": 0}

@@ -150,6 +150,17 @@ class DemoConfig:
             )
         return {"data_content": content_digest}
 
+    def settings(self) -> dict[str, Any]:
+        """The fields that decide this config's runs: a setting that does not apply (the
+        label-free recipe on the shapes task, a frozen teacher's vision setting) is left out, so
+        the keys of configs without it stay as they were before it existed."""
+        fields = dataclasses.asdict(self)
+        if self.data_dir is None:
+            del fields["vision_recipe"]
+        if not self.teacher_vision.tuned:
+            del fields["teacher_vision"]
+        return fields
+
     def vision_key(self, host: str, content_digest: str | None = None) -> str:
         """Hash of everything the shared vision encoder's weights depend on (transformers'
         version included: state-dict layouts differ across releases); ``host``: the resolved
