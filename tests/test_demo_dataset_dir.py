@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from switchkd_plugin.adapters import adapter_for
-from switchkd_plugin.demo.__main__ import main
-from switchkd_plugin.demo.config import SMOKE_CONFIG, TrainSchedule
+from switchkd_plugin.demo.__main__ import _config, _parser, main
+from switchkd_plugin.demo.config import SMOKE_CONFIG, TUNED_TEACHER_VISION, TrainSchedule
 from switchkd_plugin.demo.data import DatasetFormatError, check_dataset
 from switchkd_plugin.demo.evaluation import OVERALL
 from switchkd_plugin.demo.models import build_model
@@ -291,3 +291,13 @@ def test_a_truncated_image_is_refused_where_pil_was_told_to_load_truncated_files
     with pytest.raises(DatasetFormatError, match=r"truncated\.png does not decode as an image"):
         check_dataset(root)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+def test_on_a_dataset_directory_the_teacher_tunes_its_encoder(dataset_dir: Path) -> None:
+    # Its encoder is pretrained without labels; tuned by the teacher it served better (docs).
+    parser = _parser()
+    on_data = _config(parser.parse_args(["run", "--data", str(dataset_dir)]))
+    assert on_data.teacher_vision == TUNED_TEACHER_VISION
+    assert not _config(parser.parse_args(["run"])).teacher_vision.tuned
+    tuned = _config(parser.parse_args(["replicate", "--teacher-tunes-vision"]))
+    assert tuned.teacher_vision == TUNED_TEACHER_VISION

@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
             help="the teacher trains its vision encoder in its SFT too (at "
             f"{TUNED_TEACHER_VISION.lr_scale:g}x its learning rate from step "
             f"{TUNED_TEACHER_VISION.frozen_steps}); the students still start from the shared "
-            "pretrained encoder, so V_S != V_T at step 0",
+            "pretrained encoder, so V_S != V_T at step 0. Always on with --data",
         )
         sub.add_argument(
             "--threads",
@@ -207,7 +207,10 @@ def _config(args: argparse.Namespace) -> DemoConfig:
     if getattr(args, "patience", 0):
         early_stopping = EarlyStopping(eval_every=args.eval_every, patience=args.patience)
     data_dir = None if args.data is None else str(args.data.resolve())
-    teacher_vision = TUNED_TEACHER_VISION if args.teacher_tunes_vision else config.teacher_vision
+    # A dataset directory's encoder is pretrained without labels: its teacher tunes it (measured
+    # stronger than frozen on 2 of 3 datasets, docs/demo.md).
+    tunes = args.teacher_tunes_vision or args.data is not None
+    teacher_vision = TUNED_TEACHER_VISION if tunes else config.teacher_vision
     return dataclasses.replace(
         config,
         host=args.host,
