@@ -1,6 +1,7 @@
 """``--data DIR``: a LLaVA JSON + image-folder dataset the demo did not generate: its checks (a
 malformed file names the sample and the field), its question types and chance, and a run on it
-(the teacher trains its own vision encoder; the students start from it)."""
+(the shared vision encoder is pretrained on its images without labels; teacher and students start
+from it)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 from switchkd_plugin.adapters import adapter_for
-from switchkd_plugin.demo.__main__ import main
-from switchkd_plugin.demo.config import SMOKE_CONFIG, TrainSchedule
+from switchkd_plugin.demo.__main__ import _config, _parser, main
+from switchkd_plugin.demo.config import SMOKE_CONFIG, TUNED_TEACHER_VISION, TrainSchedule
 from switchkd_plugin.demo.data import DatasetFormatError, check_dataset
 from switchkd_plugin.demo.evaluation import OVERALL
 from switchkd_plugin.demo.models import build_model
@@ -239,16 +240,19 @@ def test_a_run_on_a_dataset_directory(dataset_dir: Path, tmp_path: Path) -> None
     rows = run_default(config, tmp_path)
     assert list(rows["teacher"]) == ["hue", "presence", "side", OVERALL]
 
-    # No cell labels: the teacher trained its own vision encoder, and the students start from it.
+    # No labels needed: the encoder was pretrained on the directory's images (cached), the
+    # teacher kept it frozen, and the students start from it.
+    (vision_dir,) = tmp_path.glob("vision-*")
+    assert (vision_dir / "vision.pt").is_file()
     context = prepare(config, tmp_path)
-    teacher_vision = adapter_for(context.teacher).vision_module.state_dict()
     fresh = build_model(context.host, config.teacher, context.tokenizer)
     fresh_vision = adapter_for(fresh).vision_module.state_dict()
-    assert any(not torch.equal(fresh_vision[n], v) for n, v in teacher_vision.items())
+    assert any(not torch.equal(fresh_vision[n], v) for n, v in context.vision_state.items())
+    teacher_vision = adapter_for(context.teacher).vision_module.state_dict()
     student_vision = adapter_for(initial_student(context, 0)).vision_module.state_dict()
-    for name, value in teacher_vision.items():
+    for name, value in context.vision_state.items():
+        assert torch.equal(teacher_vision[name], value), name
         assert torch.equal(student_vision[name], value), name
-    assert not list(tmp_path.glob("vision-*"))  # nothing was pretrained
 
 
 def _rewrite_answers(root: Path) -> None:
@@ -287,3 +291,13 @@ def test_a_truncated_image_is_refused_where_pil_was_told_to_load_truncated_files
     with pytest.raises(DatasetFormatError, match=r"truncated\.png does not decode as an image"):
         check_dataset(root)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+def test_on_a_dataset_directory_the_teacher_tunes_its_encoder(dataset_dir: Path) -> None:
+    # Its encoder is pretrained without labels; tuned by the teacher it served better (docs).
+    parser = _parser()
+    on_data = _config(parser.parse_args(["run", "--data", str(dataset_dir)]))
+    assert on_data.teacher_vision == TUNED_TEACHER_VISION
+    assert not _config(parser.parse_args(["run"])).teacher_vision.tuned
+    tuned = _config(parser.parse_args(["replicate", "--teacher-tunes-vision"]))
+    assert tuned.teacher_vision == TUNED_TEACHER_VISION

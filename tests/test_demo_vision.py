@@ -1,5 +1,6 @@
 """The demo's shared vision weights: per-cell labels, the pooled linear probe, the pretraining
-loop, and how the pipeline hands the pretrained encoder to the teacher and the students."""
+loop, the cache keys, and how the pipeline hands the pretrained encoder to the teacher (frozen, or
+tuned in its SFT) and the students."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import torch
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.demo import ShapesTaskConfig, generate_splits, write_llava_dataset
-from switchkd_plugin.demo.config import SMOKE_CONFIG, DemoConfig, TrainSchedule
+from switchkd_plugin.demo.config import (
+    SMOKE_CONFIG,
+    DemoConfig,
+    MaskedPatchRecipe,
+    TeacherVision,
+    TrainSchedule,
+)
 from switchkd_plugin.demo.hosts import HFLlavaHost
 from switchkd_plugin.demo.models import build_model
 from switchkd_plugin.demo.pipeline import prepare
@@ -153,14 +160,24 @@ def test_a_student_of_another_vision_architecture_is_a_clear_error(tmp_path) -> 
         initial_student(context, 0)
 
 
-def test_demo_config_keys_follow_the_vision_schedule() -> None:
+def test_demo_config_keys_follow_the_vision_pretraining_and_the_teachers_recipe() -> None:
     base = DemoConfig()
     longer = dataclasses.replace(
         base, vision_schedule=dataclasses.replace(base.vision_schedule, steps=7)
     )
     assert base.vision_key("hf_llava") != longer.vision_key("hf_llava")
     assert base.teacher_key("hf_llava") != longer.teacher_key("hf_llava")
+    # The label-free recipe decides a dataset directory's encoder only.
+    masked_more = dataclasses.replace(base, vision_recipe=MaskedPatchRecipe(mask_ratio=0.75))
+    assert base.vision_key("hf_llava") == masked_more.vision_key("hf_llava")
+    directory = dataclasses.replace(base, data_dir="/data")
+    other = dataclasses.replace(masked_more, data_dir="/data")
+    assert directory.vision_key("hf_llava", "x") != other.vision_key("hf_llava", "x")
     assert base.teacher_key("hf_llava") != base.teacher_key("tinyllava")
+    tuned = dataclasses.replace(base, teacher_vision=TeacherVision(lr_scale=0.1))
+    assert base.vision_key("hf_llava") == tuned.vision_key("hf_llava")
+    assert base.teacher_key("hf_llava") != tuned.teacher_key("hf_llava")
+    assert base.student_key("hf_llava", 0) == tuned.student_key("hf_llava", 0)
 
 
 def test_warmed_up_students_keep_the_shared_encoder_and_are_cached(tmp_path) -> None:
@@ -193,3 +210,29 @@ def test_the_frozen_vision_control_leaves_the_encoder_alone(tmp_path) -> None:
     for name, value in context.vision_state.items():
         assert torch.equal(trained["sft_frozen_vision"][name], value), name
     assert any(not torch.equal(trained["sft"][n], v) for n, v in context.vision_state.items())
+
+
+def test_a_teacher_that_tunes_its_encoder_leaves_the_students_the_shared_one(tmp_path) -> None:
+    tuned = TeacherVision(lr_scale=0.5, frozen_steps=2)
+    context = prepare(tiny_config(vision_steps=3, teacher_steps=5, teacher_vision=tuned), tmp_path)
+    teacher_vision = adapter_for(context.teacher).vision_module.state_dict()
+    assert any(not torch.equal(teacher_vision[n], v) for n, v in context.vision_state.items())
+    student_vision = adapter_for(initial_student(context, 0)).vision_module.state_dict()
+    for name, value in context.vision_state.items():
+        assert torch.equal(student_vision[name], value), name
+    # Frozen for every step of its SFT: the teacher keeps the shared encoder exactly.
+    frozen_all_along = TeacherVision(lr_scale=0.5, frozen_steps=5)
+    config = tiny_config(vision_steps=3, teacher_steps=5, teacher_vision=frozen_all_along)
+    teacher = prepare(config, tmp_path).teacher
+    for name, value in adapter_for(teacher).vision_module.state_dict().items():
+        assert torch.equal(value, context.vision_state[name]), name
+
+
+def test_run_settings_leave_out_what_does_not_apply() -> None:
+    # The replication's finished runs are keyed by these: a shapes-task run with a frozen teacher
+    # keeps the key it had before the label-free recipe and the tuned teacher existed.
+    base = DemoConfig()
+    assert not {"vision_recipe", "teacher_vision"} & set(base.settings())
+    assert "vision_recipe" in dataclasses.replace(base, data_dir="/data").settings()
+    tuned = dataclasses.replace(base, teacher_vision=TeacherVision(lr_scale=0.1))
+    assert tuned.settings()["teacher_vision"] == {"lr_scale": 0.1, "frozen_steps": 0}

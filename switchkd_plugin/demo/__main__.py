@@ -19,7 +19,12 @@ import torch
 import transformers
 
 from switchkd_plugin.demo.cache import DEFAULT_CACHE_DIR
-from switchkd_plugin.demo.config import DEFAULT_CONFIG, DemoConfig, EarlyStopping
+from switchkd_plugin.demo.config import (
+    DEFAULT_CONFIG,
+    TUNED_TEACHER_VISION,
+    DemoConfig,
+    EarlyStopping,
+)
 from switchkd_plugin.demo.data import DatasetFormatError
 from switchkd_plugin.demo.hosts import HOSTS, host_for
 from switchkd_plugin.demo.pipeline import run_default
@@ -133,6 +138,14 @@ def _parser() -> argparse.ArgumentParser:
                 help=help_text,
             )
         sub.add_argument(
+            "--teacher-tunes-vision",
+            action="store_true",
+            help="the teacher trains its vision encoder in its SFT too (at "
+            f"{TUNED_TEACHER_VISION.lr_scale:g}x its learning rate from step "
+            f"{TUNED_TEACHER_VISION.frozen_steps}); the students still start from the shared "
+            "pretrained encoder, so V_S != V_T at step 0. Always on with --data",
+        )
+        sub.add_argument(
             "--threads",
             type=_at_least(1),
             default=1,
@@ -194,8 +207,17 @@ def _config(args: argparse.Namespace) -> DemoConfig:
     if getattr(args, "patience", 0):
         early_stopping = EarlyStopping(eval_every=args.eval_every, patience=args.patience)
     data_dir = None if args.data is None else str(args.data.resolve())
+    # A dataset directory's encoder is pretrained without labels: its teacher tunes it (measured
+    # stronger than frozen on 2 of 3 datasets, docs/demo.md).
+    tunes = args.teacher_tunes_vision or args.data is not None
+    teacher_vision = TUNED_TEACHER_VISION if tunes else config.teacher_vision
     return dataclasses.replace(
-        config, host=args.host, data_dir=data_dir, early_stopping=early_stopping, **schedules
+        config,
+        host=args.host,
+        data_dir=data_dir,
+        early_stopping=early_stopping,
+        teacher_vision=teacher_vision,
+        **schedules,
     )
 
 

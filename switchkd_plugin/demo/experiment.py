@@ -26,9 +26,7 @@ def _cached_run(context: DemoContext, variant: str, seed: int) -> StudentRun:
     key = stable_hash(
         {
             # The resolved host: "auto" may mean either.
-            "config": dataclasses.asdict(
-                dataclasses.replace(context.config, host=context.host.name)
-            ),
+            "config": dataclasses.replace(context.config, host=context.host.name).settings(),
             "teacher": context.config.teacher_key(context.host.name, context.data.content_digest),
         }
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.demo.config import DemoConfig
 from switchkd_plugin.demo.context import DemoContext
 from switchkd_plugin.demo.data import prepare_data
@@ -41,8 +40,6 @@ def prepare(config: DemoConfig, cache_dir: Path) -> DemoContext:
         )
     vision_state = shared_vision_state(config, host, tokenizer, data, cache_dir)
     teacher = trained_teacher(config, host, tokenizer, data, vision_state, cache_dir)
-    if vision_state is None:  # the students start from the encoder the teacher trained
-        vision_state = adapter_for(teacher).vision_module.state_dict()
     return DemoContext(config, host, tokenizer, data, vision_state, teacher, cache_dir)
 
 

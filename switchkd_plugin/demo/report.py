@@ -201,8 +201,8 @@ def _settings(config: DemoConfig, runs: Sequence[StudentRun]) -> str:
         )
     vision = (
         f"pretrained {v.steps} steps on per-cell shape/colour labels"
-        if config.pretrains_vision
-        else "the teacher's own, trained with it"
+        if config.data_dir is None
+        else f"pretrained {v.steps} steps without labels on the train images (masked patches)"
     )
     return (
         f"Shared vision encoder: {vision}; teacher and students start from it. Teacher: LM "

@@ -2,8 +2,9 @@
 scored student.
 
 The student's connector and language model start from a random init that depends on the seed
-only, the same for every variant; its vision encoder from the shared weights, so V_S == V_T at
-step 0 and the visual-switch term starts at 0.
+only, the same for every variant; its vision encoder from the shared pretrained weights, so
+V_S == V_T at step 0 and the visual-switch term starts at 0 when the teacher kept them frozen (not
+when it tuned its own, ``--teacher-tunes-vision``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from switchkd_plugin.demo.data import DemoData
 from switchkd_plugin.demo.hosts import DemoHost
 from switchkd_plugin.demo.models import build_model
 from switchkd_plugin.demo.progress import stage
-from switchkd_plugin.demo.training import plain_sft, train
+from switchkd_plugin.demo.training import plain_sft, scaled_group_optimizer, train
 
 
 def load_vision(model: nn.Module, vision_state: dict[str, torch.Tensor]) -> None:
@@ -34,13 +34,13 @@ def trained_teacher(
     host: DemoHost,
     tokenizer: Any,
     data: DemoData,
-    vision_state: dict[str, torch.Tensor] | None,
+    vision_state: dict[str, torch.Tensor],
     cache_dir: Path,
 ) -> nn.Module:
     """The teacher, frozen and in eval mode: cached as a state dict (and its SFT log, for
-    inspection) under ``cache_dir/teacher-<config.teacher_key()>``, else trained now. With
-    ``vision_state`` its vision encoder starts from it and stays frozen; without, it is trained
-    along with the rest."""
+    inspection) under ``cache_dir/teacher-<config.teacher_key()>``, else trained now. Its vision
+    encoder starts from ``vision_state`` and stays frozen, or trains as ``config.teacher_vision``
+    says."""
     teacher_dir = cache_dir / f"teacher-{config.teacher_key(host.name, data.content_digest)}"
     weights, log_file = teacher_dir / "model.pt", teacher_dir / "train_log.json"
     teacher = build_model(host, config.teacher, tokenizer)
@@ -48,14 +48,25 @@ def trained_teacher(
         stage(f"teacher: reusing the cached one in {teacher_dir}")
         teacher.load_state_dict(load_tensors(weights))
     else:
-        vision = "frozen" if vision_state is not None else "trained too"
+        tuning = config.teacher_vision
+        vision = (
+            f"trained at {tuning.lr_scale:g}x the learning rate from step {tuning.frozen_steps}"
+            if tuning.tuned
+            else "frozen"
+        )
         stage(
             f"teacher: training with plain SFT for {config.teacher_schedule.steps} steps, vision "
             f"encoder {vision} (cached afterwards in {teacher_dir})"
         )
-        if vision_state is not None:
-            load_vision(teacher, vision_state)
-            adapter_for(teacher).vision_module.requires_grad_(False)
+        load_vision(teacher, vision_state)
+        encoder = adapter_for(teacher).vision_module
+        optimizers = None
+        if tuning.tuned:
+            optimizers = scaled_group_optimizer(
+                teacher, config.teacher_schedule, encoder, tuning.lr_scale, tuning.frozen_steps
+            )
+        else:
+            encoder.requires_grad_(False)
         log = train(
             host,
             teacher,
@@ -67,6 +78,7 @@ def trained_teacher(
             output_dir=cache_dir / "runs" / "teacher",
             switchkd=plain_sft(),
             description="teacher (SFT)",
+            optimizers=optimizers,
         )
         save_atomically({weights: teacher.state_dict(), log_file: log})
     teacher.eval()

@@ -58,6 +58,44 @@ class BestCheckpoint(transformers.TrainerCallback):
         self.model.load_state_dict(self._best_state)
 
 
+def cosine_with_warmup(schedule: TrainSchedule) -> Callable[[int], float]:
+    """The learning-rate factor of ``schedule`` at a step: linear warm-up then cosine decay to
+    0, as ``transformers.get_cosine_schedule_with_warmup``."""
+    warmup = math.ceil(schedule.warmup_ratio * schedule.steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, schedule.steps - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return factor
+
+
+def scaled_group_optimizer(
+    model: nn.Module, schedule: TrainSchedule, group: nn.Module, scale: float, start_step: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (no weight decay) over ``model``'s trainable parameters and its schedule: those of
+    ``group`` at ``scale`` x the learning rate from ``start_step`` on and 0 before (Adam's
+    moments still gather), the rest at the learning rate."""
+    in_group = {id(parameter) for parameter in group.parameters()}
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in trainable if id(p) not in in_group]},
+            {"params": [p for p in trainable if id(p) in in_group]},
+        ],
+        lr=schedule.learning_rate,
+        weight_decay=0.0,
+    )
+    factor = cosine_with_warmup(schedule)
+
+    def group_factor(step: int) -> float:
+        return scale * factor(step) if step >= start_step else 0.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, [factor, group_factor])
+
+
 def train(
     host: DemoHost,
     model: nn.Module,
@@ -72,9 +110,11 @@ def train(
     teacher: nn.Module | None = None,
     description: str = "train",
     callbacks: Sequence[transformers.TrainerCallback] = (),
+    optimizers: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place through the host's Switch-KD Trainer; returns the Trainer's log
-    history (per-term ``ce`` / ``align`` / ``vsd`` means every ``logging_steps``)."""
+    history (per-term ``ce`` / ``align`` / ``vsd`` means every ``logging_steps``). ``optimizers``:
+    an optimizer and its schedule in place of the Trainer's (``scaled_group_optimizer``)."""
     args = host.training_arguments_class()(
         output_dir=str(output_dir),
         per_device_train_batch_size=schedule.batch_size,
@@ -102,6 +142,7 @@ def train(
         teacher_tokenizer=tokenizer if teacher is not None else None,
         train_dataset=dataset,
         data_collator=collator,
+        **({"optimizers": optimizers} if optimizers is not None else {}),
         **{TOKENIZER_KWARG: tokenizer},
     )
     # Our bar replaces the Trainer's (or its printer of log dicts, used when logging is quiet).

@@ -1,4 +1,5 @@
-"""The demo's shared vision weights: a short supervised pretraining of the vision encoder.
+"""The demo's shared vision weights: a short pretraining of the vision encoder, supervised by the
+generated task's cell labels, or label-free on a dataset directory (``demo/masked_pretrain.py``).
 
 The paper's teacher and student start from the same pretrained SigLIP; no pretrained vision
 encoder can be downloaded here, and one trained only through the language model learns the shapes
@@ -8,8 +9,9 @@ teacher's architecture) on what the scenes are made of: for each cell of the 2x2
 (the ones the connector reads), average-pooled onto the grid, predicts both; the probe is thrown
 away afterwards. Teacher and students then start from these weights.
 
-Labels come from the train split's scenes only. ``shared_vision_state`` is the demo's stage:
-the cached (or newly pretrained) encoder weights.
+Labels come from the train split's scenes only. A dataset directory has none, so its encoder is
+pretrained on its train images alone by masked-patch reconstruction. ``shared_vision_state`` is the
+demo's stage: the cached (or newly pretrained) encoder weights.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from switchkd_plugin.demo.config import DemoConfig
 from switchkd_plugin.demo.data import DemoData
 from switchkd_plugin.demo.hf_data import load_pixel_values
 from switchkd_plugin.demo.hosts import DemoHost
+from switchkd_plugin.demo.masked_pretrain import masked_patch_state
 from switchkd_plugin.demo.models import build_model
 from switchkd_plugin.demo.progress import stage
 from switchkd_plugin.demo.shapes import (
@@ -174,27 +177,36 @@ def pretrain_vision(
 
 def shared_vision_state(
     config: DemoConfig, host: DemoHost, tokenizer: Any, data: DemoData, cache_dir: Path
-) -> dict[str, torch.Tensor] | None:
+) -> dict[str, torch.Tensor]:
     """The pretrained shared vision encoder's state dict, cached under
-    ``cache_dir/vision-<config.vision_key()>``, else pretrained now on the shapes task's cell
-    labels. None for a dataset directory: there are no cell labels, and the teacher trains its
-    own vision encoder instead (``demo/teacher.py``)."""
-    if not config.pretrains_vision:
-        stage("shared vision encoder: no cell labels in a dataset directory; the teacher trains it")
-        return None
+    ``cache_dir/vision-<config.vision_key()>``, else pretrained now: on the shapes task's cell
+    labels, or on a dataset directory's train images without labels."""
     vision_dir = cache_dir / f"vision-{config.vision_key(host.name, data.content_digest)}"
     weights = vision_dir / "vision.pt"
     if weights.exists():
         stage(f"shared vision encoder: reusing the pretrained one in {vision_dir}")
         return load_tensors(weights)
-    schedule = config.vision_schedule
+    steps = config.vision_schedule.steps
+    if config.data_dir is not None:
+        stage(
+            f"shared vision encoder: masked-patch pretraining on the train images (no labels) "
+            f"for {steps} steps (cached afterwards in {vision_dir})"
+        )
+        state, quality = masked_patch_state(config, host, tokenizer, data.paths)
+        stage(
+            f"shared vision encoder: test images, {100 * quality['blanked']:.0f}% of the blanked "
+            f"and {100 * quality['visible']:.0f}% of the visible patches' pixels reconstructed"
+        )
+        save_atomically({weights: state, vision_dir / "reconstruction.json": quality})
+        return state
     stage(
-        f"shared vision encoder: pretraining on per-cell shape/colour labels for {schedule.steps} "
+        f"shared vision encoder: pretraining on per-cell shape/colour labels for {steps} "
         f"steps (cached afterwards in {vision_dir})"
     )
     model = build_model(host, config.teacher, tokenizer)
     splits = generate_splits(config.task)
     image_size = config.task.image_size
+    schedule = config.vision_schedule
     probe = pretrain_vision(
         model,
         cell_labels(splits["train"], data.paths, image_size),
