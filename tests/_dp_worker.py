@@ -23,7 +23,9 @@ from switchkd_plugin.testing import (
     student_spec,
     teacher_spec,
 )
+from switchkd_plugin.testing.fsdp import fsdp_on_cpu
 from switchkd_plugin.testing.trainer import InOrderTrainer, make_trainer, split_batch
+from switchkd_plugin.training.trainer import SwitchKDTrainer
 
 
 def _models_and_micro_batches(family: str):
@@ -94,8 +96,10 @@ def _skipped_window(mode: str, student, micro: list[dict], training: dict):
 
 
 def main(
-    out_dir: str, world_micro_batches: str, deepspeed: str = "", teacher_zero3: str = "shard"
+    out_dir: str, world_micro_batches: str, deepspeed: str = "", teacher_placement: str = "shard"
 ) -> None:
+    """`teacher_placement`: --teacher_fsdp under FSDP2 (SWITCHKD_TEST_FSDP=2), else
+    --teacher_zero3."""
     family = os.environ.get("SWITCHKD_TEST_FAMILY", "hf_llava")  # tests/test_famil*.py
     tokenizer, student, teacher, micro = _models_and_micro_batches(family)
     find_unused = os.environ.get("SWITCHKD_TEST_FIND_UNUSED", "1") == "1"
@@ -125,12 +129,22 @@ def main(
     skipping = world_micro_batches.startswith(("split-nan", "split-adamw"))
     if skipping:
         batches, options = _skipped_window(world_micro_batches, student, micro, training)
+    fsdp = os.environ.get("SWITCHKD_TEST_FSDP", "")  # "2": the Trainer's FSDP2 (tests/test_fsdp.py)
+    if fsdp:
+        training["fsdp"] = "full_shard auto_wrap"
+        training["fsdp_config"] = {"fsdp_version": int(fsdp)}
+        if os.environ.get("SWITCHKD_TEST_BF16") == "1":
+            training["bf16"] = True
+        base = options.get("trainer_class", SwitchKDTrainer)
+        options["trainer_class"] = base if on_gpu else fsdp_on_cpu(base)
+    options["teacher_fsdp" if fsdp else "teacher_zero3"] = teacher_placement
     # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.
     # The ranks' micro-batches need different chunk counts: they agree on the larger one.
     trainer = make_trainer(student, tokenizer, batches, out_dir, teacher=teacher,
-                       training=training, lm_head_chunk_size=16, teacher_zero3=teacher_zero3,
+                       training=training, lm_head_chunk_size=16,
                        teacher_gradient_checkpointing=checkpointing, **options)  # fmt: skip
     assert trainer.is_deepspeed_enabled == bool(deepspeed)
+    assert trainer.is_fsdp_enabled == bool(fsdp)
     trainer.train()
     if trainer._teacher_engine is not None and trainer.args.process_index == 0:
         # DeepSpeed prefetches the sharded teacher's parameters once it holds a complete trace

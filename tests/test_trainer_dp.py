@@ -51,18 +51,23 @@ def _run(
     processes: int,
     stage: int | None,
     mode: str | None = None,
-    teacher_zero3: str = "shard",
+    teacher: str = "shard",
     family: str = "hf_llava",
     teacher_checkpointing: bool = False,
     text_only: bool = False,
     find_unused: bool = True,
     refused: str | None = None,
+    fsdp: int | None = None,
+    bf16: bool = False,
 ) -> dict[str, torch.Tensor] | str:
     """The student's weights after one step of `_dp_worker.py` (`family`: hf_llava, qwen2_5_vl,
-    qwen3_vl; `text_only`: the second micro-batch has no image; `find_unused` False: DDP's
+    qwen3_vl; `teacher`: --teacher_zero3, or --teacher_fsdp with `fsdp`=2 (the Trainer's FSDP2,
+    set up on CPU ranks by `switchkd_plugin.testing.fsdp`); `bf16`: --bf16; `text_only`: the
+    second micro-batch has no image; `find_unused` False: DDP's
     find_unused_parameters off, the parameters the host never uses frozen); on DeepSpeed <
     0.15.4 under ZeRO-3, the run's output, which must hold the trainer's refusal."""
-    out = tmp_path / f"{processes}-ranks-zero{stage}-{teacher_zero3}"
+    layout = f"fsdp{fsdp}" if fsdp else f"zero{stage}"
+    out = tmp_path / f"{processes}-ranks-{layout}-{teacher}"
     out.mkdir(parents=True)
     mode = mode or ("split" if processes > 1 else "accumulate")
     config = "" if stage is None else str(_deepspeed_config(stage, tmp_path))
@@ -71,11 +76,13 @@ def _run(
     env["SWITCHKD_TEST_TEACHER_CHECKPOINTING"] = str(int(teacher_checkpointing))
     env["SWITCHKD_TEST_TEXT_ONLY"] = str(int(text_only))
     env["SWITCHKD_TEST_FIND_UNUSED"] = str(int(find_unused))
+    env["SWITCHKD_TEST_FSDP"] = "" if fsdp is None else str(fsdp)
+    env["SWITCHKD_TEST_BF16"] = str(int(bf16))
     if stage is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(NO_SHM), os.environ.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={processes}", str(WORKER), str(out), mode, config,
-               teacher_zero3]  # fmt: skip
+               teacher]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     log = result.stdout[-3000:] + result.stderr[-3000:]
     if stage == 3 and OLD_ZERO3:
@@ -107,7 +114,7 @@ def test_layouts_take_the_same_step(tmp_path, reference, processes, stage, teach
     fails the run), and the two ranks need different numbers of lm_head chunks."""
     if stage is not None and not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
-    after = _run(tmp_path, processes, stage, teacher_zero3=teacher_zero3)
+    after = _run(tmp_path, processes, stage, teacher=teacher_zero3)
     if isinstance(after, str):
         pytest.skip(f"deepspeed {version('deepspeed')}: ZeRO-3 Switch-KD refused, as it must be")
     assert_same_step(after, reference, _initial_weights())
@@ -205,3 +212,32 @@ def test_ddp_without_find_unused_refuses_a_student_with_unreached_parameters(tmp
         mode="split-adamw-checkpointed",
         refused="--ddp_find_unused_parameters True",
     )
+
+
+# ------------------------------------------------------------------------------------- FSDP2
+# The student sharded by the Trainer's own FSDP2 path (accelerate's `fsdp2_prepare_model`:
+# `fully_shard` per decoder layer and vision block, the embeddings and [final norm, lm_head] in
+# units of their own, then the root), the teacher sharded with `fully_shard` or replicated.
+# How this differs from a GPU run: accelerate sets FSDP up on accelerator ranks only (on CPU
+# ranks it falls back to DDP without a word), so the test Trainer (`switchkd_plugin.testing.
+# fsdp`) puts the FSDP2 plugin the Trainer built from `--fsdp "full_shard auto_wrap"
+# --fsdp_config '{"fsdp_version": 2}'` back into accelerate's state; from there the Trainer and
+# accelerate run their GPU code. gloo instead of NCCL, no CUDA streams to overlap, CPU autocast.
+
+FSDP2_TRAINER = Version(transformers.__version__).major >= 5
+needs_fsdp2_trainer = pytest.mark.skipif(
+    not FSDP2_TRAINER,
+    reason=f"transformers {transformers.__version__}: its Trainer reads fsdp_version from "
+    "--fsdp_config from 5.x on; Switch-KD refuses the FSDP1 it sets up here, naming FSDP2 "
+    "(test_fsdp1_is_refused_naming_fsdp2)",
+)
+
+
+@needs_fsdp2_trainer
+@pytest.mark.parametrize("teacher", ["shard", "replicate"])
+def test_fsdp2_takes_the_one_rank_step(tmp_path, reference, teacher):
+    """The first micro-batch has no response token (untied lm_head, chunks of 16 rows): the
+    rank that takes it still runs every FSDP unit the other runs (each gathers collectively),
+    and the ranks agree on the number of lm_head chunks."""
+    after = _run(tmp_path, 2, None, fsdp=2, teacher=teacher)
+    assert_same_step(after, reference, _initial_weights())

@@ -33,6 +33,7 @@ from switchkd_plugin.training.distributed import (
     prepare_zero3,
     zero3_enabled,
 )
+from switchkd_plugin.training.fsdp import fsdp_plugin, fully_sharded
 from switchkd_plugin.training.loss_scale import BackwardRouter, window_tokens
 from switchkd_plugin.training.metrics import TermLog
 from switchkd_plugin.training.nonfinite import NonFiniteGuard
@@ -96,10 +97,11 @@ class SwitchKDTrainerMixin:
         self._backward: BackwardRouter | None = None
         self._nonfinite = NonFiniteGuard(settings.nonfinite, settings.nonfinite_max_in_a_row)
         if settings.distill == "switchkd":
-            check_layout(self.args, settings, getattr(self, "is_fsdp_enabled", False))
+            plugin = fsdp_plugin(self)
+            check_layout(self.args, settings, plugin)
             self._engine, self.teacher = build_engine(
                 settings, self.args, self.model, host_tokenizer(self), teacher_model,
-                teacher_tokenizer,
+                teacher_tokenizer, fsdp_enabled=plugin is not None,
             )  # fmt: skip
             self._backward = BackwardRouter(self.accelerator)
             mark_loss_normalised(self)  # the gradients never see the host's division
@@ -190,7 +192,7 @@ class SwitchKDTrainerMixin:
         # DeepSpeed casts the weights instead and this is a no-op): the engine calls the
         # model's parts, not its forward, and replaces the forward below.
         with self.accelerator.autocast():
-            if inner is model:
+            if inner is model and not fully_sharded(inner):
                 return self._engine(batch)
             with swapped_forward(inner, lambda b: (lambda t: (t.loss, t))(self._engine(b))):
                 return model(batch)[1]
