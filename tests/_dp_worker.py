@@ -2,7 +2,10 @@
 
 Every rank builds the same tiny student and teacher, takes its share of two micro-batches (the
 first without any response token), and trains one SGD step (3 in mode split-3-steps); rank 0
-saves the weights. Modes split-nan[-checkpointed] and split-adamw: see `_skipped_window`.
+saves the weights and the log history. Modes: accumulate (1 rank, 2 micro-batches), split (one
+micro-batch per rank), one-batch (1 rank, both as one micro-batch), split-accumulate (2 ranks
+accumulating 2 micro-batches each, the second micro-batch split in 3), split-nan[-checkpointed]
+and split-adamw (`_skipped_window`).
 """
 
 from __future__ import annotations
@@ -111,7 +114,11 @@ def main(
     micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
     if os.environ.get("SWITCHKD_TEST_TEXT_ONLY") == "1":  # the second micro-batch: no image
         micro[1] = _text_only_micro_batch(family, student, tokenizer)
-    accumulation = 2 if world_micro_batches == "accumulate" else 1
+    if world_micro_batches == "one-batch":  # the two micro-batches as one (same padding)
+        micro = [{key: torch.cat([part[key] for part in micro]) for key in micro[0]}]
+    if world_micro_batches == "split-accumulate":  # 2 ranks x 2 micro-batches: 1+1, 1+1 samples
+        micro = [micro[0], *split_batch(micro[1], (1, 1, 1))]
+    accumulation = {"accumulate": 2, "split-accumulate": 2}.get(world_micro_batches, 1)
     steps = 3 if world_micro_batches == "split-3-steps" else 1
     checkpointing = os.environ.get("SWITCHKD_TEST_TEACHER_CHECKPOINTING") == "1"
     on_gpu = os.environ.get("SWITCHKD_DEVICE") == "cuda"  # benchmarks/gpu_check.py
@@ -133,10 +140,14 @@ def main(
     if fsdp:
         training["fsdp"] = "full_shard auto_wrap"
         training["fsdp_config"] = {"fsdp_version": int(fsdp)}
-        if os.environ.get("SWITCHKD_TEST_BF16") == "1":
+        policy = None
+        if os.environ.get("SWITCHKD_TEST_BF16") == "1":  # bf16 compute, fp32 reduction
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
             training["bf16"] = True
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         base = options.get("trainer_class", SwitchKDTrainer)
-        options["trainer_class"] = base if on_gpu else fsdp_on_cpu(base)
+        options["trainer_class"] = base if on_gpu else fsdp_on_cpu(base, policy)
     options["teacher_fsdp" if fsdp else "teacher_zero3"] = teacher_placement
     # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.
     # The ranks' micro-batches need different chunk counts: they agree on the larger one.
@@ -152,7 +163,7 @@ def main(
         with open(os.path.join(out_dir, "teacher_trace.txt"), "w") as file:
             file.write("complete" if coordinator.is_complete_trace() else "not complete")
     trainer.save_model(out_dir)  # gathers ZeRO-3 shards on rank 0
-    if skipping and trainer.args.process_index == 0:
+    if trainer.args.process_index == 0:
         with open(os.path.join(out_dir, "log_history.json"), "w") as file:
             json.dump(trainer.state.log_history, file)
     if torch.distributed.is_initialized():

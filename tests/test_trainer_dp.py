@@ -233,11 +233,57 @@ needs_fsdp2_trainer = pytest.mark.skipif(
 )
 
 
+FSDP2_LAYOUTS = {  # id: (family, --teacher_fsdp, per-layer teacher checkpointing, text-only rank)
+    "llava-teacher-sharded-checkpointed": ("hf_llava", "shard", True, False),
+    "llava-teacher-replicated": ("hf_llava", "replicate", False, False),
+    "qwen2_5_vl-teacher-sharded-text-only-rank": ("qwen2_5_vl", "shard", False, True),
+}
+
+
 @needs_fsdp2_trainer
-@pytest.mark.parametrize("teacher", ["shard", "replicate"])
-def test_fsdp2_takes_the_one_rank_step(tmp_path, reference, teacher):
-    """The first micro-batch has no response token (untied lm_head, chunks of 16 rows): the
-    rank that takes it still runs every FSDP unit the other runs (each gathers collectively),
-    and the ranks agree on the number of lm_head chunks."""
-    after = _run(tmp_path, 2, None, fsdp=2, teacher=teacher)
-    assert_same_step(after, reference, _initial_weights())
+@pytest.mark.parametrize("layout", sorted(FSDP2_LAYOUTS))
+def test_fsdp2_takes_the_one_rank_step(tmp_path, reference, layout):
+    """2 ranks under FSDP2 take the step of 1 rank accumulating both micro-batches. The first
+    micro-batch has no response token (untied lm_head, chunks of 16 rows): the rank that takes
+    it still runs every FSDP unit the other runs (each gathers collectively), the ranks agree
+    on the number of lm_head chunks, and the student's lm_head is gathered once for them all.
+    Text-only rank: its micro-batch has no image, so both models' vision blocks run on a
+    placeholder image (weight 0), as the other rank's do on its images."""
+    family, teacher, checkpointing, text_only = FSDP2_LAYOUTS[layout]
+    if family != "hf_llava" and not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
+        pytest.skip(f"transformers {transformers.__version__} has no Qwen2.5-VL")
+    options = dict(family=family, text_only=text_only)
+    expected = reference
+    if options != dict(family="hf_llava", text_only=False):
+        expected = _run(tmp_path / "one", 1, None, **options)
+    after = _run(tmp_path / "two", 2, None, fsdp=2, teacher=teacher,
+                 teacher_checkpointing=checkpointing, **options)  # fmt: skip
+    assert_same_step(after, expected, _initial_weights(family))
+
+
+@needs_fsdp2_trainer
+def test_fsdp2_accumulation_equals_one_big_batch(tmp_path):
+    """2 ranks accumulating 2 micro-batches each under FSDP2 (accelerate defers the gradient
+    reduce-scatter to the last micro-batch; the student's lm_head gradients accumulate unsharded
+    in between) take the step of 1 rank on all 4 samples at once."""
+    expected = _run(tmp_path / "one", 1, None, mode="one-batch")
+    after = _run(tmp_path / "two", 2, None, mode="split-accumulate", fsdp=2)
+    assert_same_step(after, expected, _initial_weights())
+
+
+@needs_fsdp2_trainer
+def test_fsdp2_bf16_mixed_precision_takes_the_step_to_bf16_rounding(tmp_path, reference):
+    """`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` with --bf16 (the teacher in
+    bf16): the models compute in bf16, the loss stage's terms in float32 (`loss_stage.py`). The
+    step is compared loosely with the float32 1-rank step: bf16 rounds to 2^-8 relative, so the
+    whole step (every parameter's update, one vector) may differ by a few of those, not more;
+    the master weights stay float32."""
+    after = _run(tmp_path, 2, None, fsdp=2, bf16=True)
+    before = _initial_weights()
+    assert {value.dtype for value in after.values()} == {torch.float32}
+    got = torch.cat([(after[name] - start).flatten() for name, start in before.items()])
+    want = torch.cat([(reference[name] - start).flatten() for name, start in before.items()])
+    error = float((got - want).norm() / want.norm())
+    assert error < 8 * 2**-8, (
+        f"the bf16 step differs from the float32 one by {error:.2e} (relative)"
+    )

@@ -16,8 +16,10 @@ import transformers
 
 
 class FSDPOnCPU:
-    """Put before a Trainer class (`type("T", (FSDPOnCPU, Base), {})`): FSDP as the flags ask,
-    on CPU ranks."""
+    """Put before a Trainer class (`fsdp_on_cpu`): FSDP as the flags ask, on CPU ranks.
+    `mixed_precision_policy`: the plugin's (None: accelerate's from --bf16 / --fp16)."""
+
+    mixed_precision_policy = None
 
     def create_accelerator_and_postprocess(self):
         super().create_accelerator_and_postprocess()
@@ -28,6 +30,7 @@ class FSDPOnCPU:
         if state.distributed_type != DistributedType.MULTI_CPU or not self.args.fsdp_plugin_args:
             return
         plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        plugin.mixed_precision_policy = self.mixed_precision_policy
         if state.mixed_precision != "no":  # as AcceleratorState does on accelerator ranks
             plugin.set_mixed_precision(state.mixed_precision)
         state.fsdp_plugin = plugin
@@ -37,6 +40,9 @@ class FSDPOnCPU:
         self.is_fsdp_enabled = True
 
 
-def fsdp_on_cpu(base: type[transformers.Trainer]) -> type[transformers.Trainer]:
-    """`base` with `FSDPOnCPU` first."""
-    return type(f"FSDPOnCPU{base.__name__}", (FSDPOnCPU, base), {})
+def fsdp_on_cpu(
+    base: type[transformers.Trainer], mixed_precision_policy=None
+) -> type[transformers.Trainer]:
+    """`base` with `FSDPOnCPU` first; `mixed_precision_policy`: a `MixedPrecisionPolicy`."""
+    attributes = {"mixed_precision_policy": mixed_precision_policy}
+    return type(f"FSDPOnCPU{base.__name__}", (FSDPOnCPU, base), attributes)
