@@ -89,7 +89,8 @@ def _skipped_window(mode: str, student, micro: list[dict], training: dict):
     layers, under which the Trainer's DDP waits for a gradient of every parameter."""
     training.update(optim="adamw_torch", weight_decay=0.1, learning_rate=1e-2)
     training["gradient_checkpointing"] = mode.endswith("-checkpointed")
-    options = {"nonfinite": "skip", "trainer_class": InOrderTrainer}
+    nonfinite = "error" if mode.endswith("-error") else "skip"  # split-nan-error: the diagnosis
+    options = {"nonfinite": nonfinite, "trainer_class": InOrderTrainer}
     if mode.startswith("split-adamw"):
         return micro, options
     poisoned = {key: value.clone() for key, value in micro[1].items()}
@@ -156,7 +157,12 @@ def main(
                        teacher_gradient_checkpointing=checkpointing, **options)  # fmt: skip
     assert trainer.is_deepspeed_enabled == bool(deepspeed)
     assert trainer.is_fsdp_enabled == bool(fsdp)
-    trainer.train()
+    try:
+        trainer.train()
+    except FloatingPointError as error:  # split-nan-error: every rank raises, each says its own
+        print(f"rank {trainer.args.process_index}: {error}", flush=True)
+        torch.distributed.barrier()  # before the first exit makes torchrun stop the others
+        raise
     if trainer._teacher_engine is not None and trainer.args.process_index == 0:
         # DeepSpeed prefetches the sharded teacher's parameters once it holds a complete trace
         coordinator = trainer._teacher_engine.optimizer.get_param_coordinator()

@@ -413,7 +413,7 @@ def test_bf16_training_keeps_the_losses_in_float32(hf_student, hf_teacher, tiny_
     assert logs and all(torch.isfinite(torch.tensor(e["total"])) for e in logs)
 
 
-def test_data_parallel_and_replicate_without_zero3_are_refused(
+def test_data_parallel_and_replicate_without_zero3_or_fsdp2_are_refused(
     hf_student, hf_teacher, tiny_tokenizer, tmp_path
 ):
     batches = [make_host_batch(hf_student, tiny_tokenizer)]
@@ -422,6 +422,9 @@ def test_data_parallel_and_replicate_without_zero3_are_refused(
     ):
         make_trainer(copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path,
                  teacher=copy.deepcopy(hf_teacher), teacher_zero3="replicate")  # fmt: skip
+    with pytest.raises(ValueError, match="--teacher_fsdp replicate applies under FSDP2 only"):
+        make_trainer(copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path,
+                 teacher=copy.deepcopy(hf_teacher), teacher_fsdp="replicate")  # fmt: skip
     args = training_args(tmp_path)
     args._n_gpu = 2  # what TrainingArguments finds with 2 visible GPUs and no launcher
     with pytest.raises(ValueError, match=r"nn.DataParallel.*torchrun --nproc_per_node N"):

@@ -27,6 +27,7 @@ from switchkd_plugin.training.resume import SETTINGS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_dp_worker.py")
+RESUME_WORKER = Path(__file__).with_name("_fsdp_resume_worker.py")
 NO_SHM = Path(__file__).with_name("deepspeed_no_shm")  # skips a 40-60 s JIT build per environment
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 # Older DeepSpeed refuses ZeRO-3 backward through the eval-mode teacher: the trainer says so.
@@ -287,3 +288,39 @@ def test_fsdp2_bf16_mixed_precision_takes_the_step_to_bf16_rounding(tmp_path, re
     assert error < 8 * 2**-8, (
         f"the bf16 step differs from the float32 one by {error:.2e} (relative)"
     )
+
+
+@needs_fsdp2_trainer
+@pytest.mark.parametrize("state_dict_type", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+def test_fsdp2_resume_equals_the_uninterrupted_run_bit_for_bit(tmp_path, state_dict_type):
+    """Checkpoints through the Trainer's own FSDP path (`save_fsdp_model` / `load_fsdp_model`,
+    the optimizer's shards too) hold `switchkd_config.json`; the resumed run logs the same
+    terms and ends on the same weights, bit for bit. The full-state checkpoint also holds a
+    `model.safetensors` in LLaVA's saved key layout: the host's FSDP loader restores the
+    sharded model, not Switch-KD's key-layout conversion (which loads unsharded tensors)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*launch, str(RESUME_WORKER), str(tmp_path), state_dict_type]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    outcome = json.loads((tmp_path / "result.json").read_text())
+    assert outcome["settings_saved"], outcome["checkpoint"]
+    assert sorted(outcome["logs"]) == ["3", "4"]
+    assert outcome["resumed_logs"] == outcome["logs"]
+    assert outcome["differ"] == []
+
+
+@needs_fsdp2_trainer
+def test_fsdp2_non_finite_micro_batch_is_skipped_on_every_rank_or_diagnosed(tmp_path):
+    """--nonfinite skip: one rank's micro-batch has a NaN image; both ranks skip it (zero
+    gradients to every rank's shards, outside FSDP's hooks), no optimizer step, and the next
+    step equals a first step. --nonfinite error: the run stops naming where the values first go
+    bad, found by running the pathways again with the FSDP2 roots gathered."""
+    after = _run(tmp_path / "skip", 2, None, mode="split-nan", fsdp=2)
+    clean = _run(tmp_path / "clean", 2, None, mode="split-adamw", fsdp=2)
+    logs = json.loads(next((tmp_path / "skip").glob("2-ranks-*/log_history.json")).read_text())
+    skipped = [(e["nonfinite_skipped"], e["nonfinite_skipped_steps"]) for e in logs if "loss" in e]
+    assert skipped == [(1, 1), (0, 0)]
+    assert_same_step(after, clean, _initial_weights())
+    _run(tmp_path / "error", 2, None, mode="split-nan-error", fsdp=2,
+         refused="first non-finite: the batch's `pixel_values`")  # fmt: skip

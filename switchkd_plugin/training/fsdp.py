@@ -36,6 +36,34 @@ def fully_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def reshard_units(model: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 unit in `model` (none: nothing to do)."""
+    for module in model.modules():
+        if fully_sharded(module):
+            module.reshard()
+
+
+def local_tensor(tensor: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 parameter (a DTensor), differentiably; others as they are."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+@contextmanager
+def units_gathered(*modules: nn.Module | None) -> Iterator[None]:
+    """The FSDP2 units `modules` (others are skipped) hold their gathered parameters within the
+    block: a root's submodules can then be called directly (each child unit gathers its own when
+    called), and a unit called a different number of times on each rank (the lm_head, per chunk
+    of rows) makes no collective; resharded on exit. A collective: every rank enters it."""
+    roots = [module for module in modules if module is not None and fully_sharded(module)]
+    for root in roots:
+        root.unshard()
+    try:
+        yield
+    finally:
+        for root in roots:
+            root.reshard()
+
+
 def fsdp_plugin(trainer: transformers.Trainer):
     """accelerate's FSDP plugin of the trainer's run, or None (no FSDP)."""
     if not getattr(trainer, "is_fsdp_enabled", False):

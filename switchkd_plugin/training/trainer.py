@@ -33,7 +33,7 @@ from switchkd_plugin.training.distributed import (
     prepare_zero3,
     zero3_enabled,
 )
-from switchkd_plugin.training.fsdp import fsdp_plugin, fully_sharded
+from switchkd_plugin.training.fsdp import fsdp_plugin, fully_sharded, units_gathered
 from switchkd_plugin.training.loss_scale import BackwardRouter, window_tokens
 from switchkd_plugin.training.metrics import TermLog
 from switchkd_plugin.training.nonfinite import NonFiniteGuard
@@ -136,8 +136,9 @@ class SwitchKDTrainerMixin:
         the model's own `from_pretrained` then, or refuse (`training/resume.py`). Also with
         `--distill none`: a resume that silently restarts from the initial weights is never
         what the run asked for."""
-        # FSDP / SageMaker pass their wrapper: theirs is the host's loader.
-        own_model = model is None or model is self.model
+        # FSDP / SageMaker pass their wrapper (FSDP2's is the model itself, sharded): theirs is
+        # the host's loader, from the state dict it saved.
+        own_model = (model is None or model is self.model) and not fully_sharded(self.model)
         if own_model and restore_model(self.model, resume_from_checkpoint):
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -206,15 +207,25 @@ class SwitchKDTrainerMixin:
 
     def _skip_if_non_finite(self, model, batch: dict, terms: StepTerms) -> Tensor | None:
         """`--nonfinite` (`NonFiniteGuard.check`): None, a zero-gradient loss, or an error."""
+        student = self._unwrap(model)
+        sharded = fully_sharded(student)
+
+        def locate() -> list[str]:  # every rank, in step; FSDP2: roots and head gathered
+            head = self._engine.student.lm_head
+            gathered = units_gathered(student, head, self.teacher) if sharded else None
+            with gathered or contextlib.nullcontext():
+                return locate_non_finite(self._engine, batch)
+
         return self._nonfinite.check(
             terms,
             self._sum_over_ranks,
-            self._unwrap(model),
+            student,
             # DDP without find_unused_parameters (e.g. with gradient checkpointing) waits for a
-            # gradient of every parameter; anywhere else, those the loss reaches get one.
-            every_parameter=not getattr(model, "find_unused_parameters", True),
+            # gradient of every parameter, and under FSDP2 each rank's shards get theirs;
+            # anywhere else, those the loss reaches get one.
+            every_parameter=sharded or not getattr(model, "find_unused_parameters", True),
             step=self.state.global_step,
-            locate=lambda: locate_non_finite(self._engine, batch),  # every rank: in step
+            locate=locate,
         )
 
     def training_step(self, model, *args, **kwargs):
