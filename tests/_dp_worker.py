@@ -150,6 +150,15 @@ def main(
         base = options.get("trainer_class", SwitchKDTrainer)
         options["trainer_class"] = base if on_gpu else fsdp_on_cpu(base, policy)
     options["teacher_fsdp" if fsdp else "teacher_zero3"] = teacher_placement
+    lora = os.environ.get("SWITCHKD_TEST_LORA") == "1"  # adapters on q_proj / v_proj, both models
+    if lora:
+        import peft
+
+        torch.manual_seed(0)  # random A and B (init_lora_weights=False): B moves A's gradient
+        options["peft_config"] = peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+            init_lora_weights=False,
+        )  # fmt: skip
     # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.
     # The ranks' micro-batches need different chunk counts: they agree on the larger one.
     trainer = make_trainer(student, tokenizer, batches, out_dir, teacher=teacher,
@@ -157,6 +166,14 @@ def main(
                        teacher_gradient_checkpointing=checkpointing, **options)  # fmt: skip
     assert trainer.is_deepspeed_enabled == bool(deepspeed)
     assert trainer.is_fsdp_enabled == bool(fsdp)
+    if lora and trainer.args.process_index == 0:  # the adapters before the step, as saved
+        from safetensors.torch import save_file
+
+        adapters = {
+            name.replace(".default.", "."): value.detach().clone()
+            for name, value in trainer.model.named_parameters() if "lora_" in name
+        }  # fmt: skip
+        save_file(adapters, os.path.join(out_dir, "initial_adapters.safetensors"))
     try:
         trainer.train()
     except FloatingPointError as error:  # split-nan-error: every rank raises, each says its own

@@ -20,6 +20,7 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
+from safetensors.torch import load_file
 
 from switchkd_plugin.testing.trainer import assert_same_step
 from switchkd_plugin.training.distributed import ZERO3_EVAL_BACKWARD_DEEPSPEED
@@ -60,13 +61,15 @@ def _run(
     refused: str | None = None,
     fsdp: int | None = None,
     bf16: bool = False,
+    lora: bool = False,
 ) -> dict[str, torch.Tensor] | str:
     """The student's weights after one step of `_dp_worker.py` (`family`: hf_llava, qwen2_5_vl,
-    qwen3_vl; `teacher`: --teacher_zero3, or --teacher_fsdp with `fsdp`=2 (the Trainer's FSDP2,
-    set up on CPU ranks by `switchkd_plugin.testing.fsdp`); `bf16`: --bf16; `text_only`: the
-    second micro-batch has no image; `find_unused` False: DDP's
-    find_unused_parameters off, the parameters the host never uses frozen); on DeepSpeed <
-    0.15.4 under ZeRO-3, the run's output, which must hold the trainer's refusal."""
+    qwen3_vl; `teacher`: --teacher_zero3, or --teacher_fsdp with `fsdp`=2, the Trainer's FSDP2
+    set up on CPU ranks by `switchkd_plugin.testing.fsdp`; `bf16`: --bf16; `lora`: a LoRA
+    student, its adapters returned; `text_only`: the second micro-batch has no image;
+    `find_unused` False: DDP's find_unused_parameters off, the parameters the host never uses
+    frozen); on DeepSpeed < 0.15.4 under ZeRO-3, the run's output, which must hold the
+    trainer's refusal."""
     layout = f"fsdp{fsdp}" if fsdp else f"zero{stage}"
     out = tmp_path / f"{processes}-ranks-{layout}-{teacher}"
     out.mkdir(parents=True)
@@ -79,6 +82,7 @@ def _run(
     env["SWITCHKD_TEST_FIND_UNUSED"] = str(int(find_unused))
     env["SWITCHKD_TEST_FSDP"] = "" if fsdp is None else str(fsdp)
     env["SWITCHKD_TEST_BF16"] = str(int(bf16))
+    env["SWITCHKD_TEST_LORA"] = str(int(lora))
     if stage is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(NO_SHM), os.environ.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -93,6 +97,8 @@ def _run(
         return log
     assert result.returncode == 0, log
     assert (out / SETTINGS_FILE).is_file(), f"the writing rank saved no Switch-KD settings\n{log}"
+    if lora:
+        return load_file(str(out / "adapter_model.safetensors"))
     model_class = transformers.AutoConfig.from_pretrained(str(out)).architectures[0]
     return getattr(transformers, model_class).from_pretrained(str(out)).state_dict()
 
@@ -324,3 +330,16 @@ def test_fsdp2_non_finite_micro_batch_is_skipped_on_every_rank_or_diagnosed(tmp_
     assert_same_step(after, clean, _initial_weights())
     _run(tmp_path / "error", 2, None, mode="split-nan-error", fsdp=2,
          refused="first non-finite: the batch's `pixel_values`")  # fmt: skip
+
+
+@needs_fsdp2_trainer
+def test_fsdp2_lora_student_takes_the_one_rank_step(tmp_path):
+    """A peft LoRA student (adapters on q_proj / v_proj of the LM and the vision encoder, random
+    A and B) under FSDP2: frozen base weights and trainable adapters share FSDP units; the
+    adapters step as on 1 rank, and the checkpoint holds the adapters only."""
+    pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[peft]')")
+    expected = _run(tmp_path / "one", 1, None, lora=True)
+    after = _run(tmp_path / "two", 2, None, fsdp=2, lora=True)
+    before = load_file(str(next((tmp_path / "one").glob("*/initial_adapters.safetensors"))))
+    assert sorted(after) == sorted(before)
+    assert_same_step(after, expected, before)
