@@ -119,14 +119,22 @@ def check_fsdp_version(fsdp_version: int) -> None:
 
 def shard_teacher(teacher: nn.Module) -> nn.Module:
     """`fully_shard` the frozen teacher in place: each module of a class its model names in
-    `_no_split_modules` (decoder layers, vision blocks) is a unit, the rest is the root's.
-    Every unit, the root included, frees its gathered parameters after its forward: a frozen
-    teacher needs them again only where backward passes through it (the switch pass), where
-    FSDP gathers them once more. Never in an optimizer, never saved (it is not the model)."""
+    `_no_split_modules` (decoder layers, vision blocks) is a unit, so are the input embeddings
+    and the lm_head (one unit when tied), and the rest is the root's (norms, connector, patch
+    embeddings). Every unit frees its gathered parameters after its forward: a frozen teacher
+    needs them again only where backward passes through it (the switch pass), where FSDP
+    gathers them once more. The lm_head is never called as a module (the loss stage uses a
+    gathered copy, `FSDPTeacherCalls`), so the teacher's passes never gather it.
+    Never in an optimizer, never saved (it is not the model)."""
     from torch.distributed.fsdp import fully_shard
 
     names = set(getattr(teacher, "_no_split_modules", None) or ())
     blocks = [m for m in teacher.modules() if type(m).__name__ in names and m is not teacher]
+    embed, head = teacher.get_input_embeddings(), teacher.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is embed.weight:
+        blocks.append([embed, head])  # tied: one unit (a parameter in two units is refused)
+    else:
+        blocks += [module for module in (embed, head) if module is not None]
     for block in blocks:
         fully_shard(block, reshard_after_forward=True)
     fully_shard(teacher, reshard_after_forward=True)
