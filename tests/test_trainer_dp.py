@@ -234,9 +234,10 @@ def test_ddp_without_find_unused_refuses_a_student_with_unreached_parameters(tmp
 FSDP2_TRAINER = Version(transformers.__version__).major >= 5
 needs_fsdp2_trainer = pytest.mark.skipif(
     not FSDP2_TRAINER,
-    reason=f"transformers {transformers.__version__}: its Trainer reads fsdp_version from "
-    "--fsdp_config from 5.x on; Switch-KD refuses the FSDP1 it sets up here, naming FSDP2 "
-    "(test_fsdp1_is_refused_naming_fsdp2)",
+    reason=f"transformers {transformers.__version__}: its Trainer does not build FSDP2 from "
+    "--fsdp_config (transformers 5.x does); Switch-KD refuses the FSDP1 it would set up, "
+    "naming FSDP2 (test_trainer.py::test_fsdp1_and_fsdp2_on_old_releases_are_refused_naming_"
+    "the_fix)",
 )
 
 
