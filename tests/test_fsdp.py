@@ -79,3 +79,28 @@ def test_fsdp2_student_head_is_gathered_once_for_all_chunks(
     grad = student.lm_head.weight.grad.full_tensor()
     assert_close(grad, reference.lm_head.weight.grad, terms=terms.response_tokens,
                  name="lm_head.weight.grad")  # fmt: skip
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fsdp2_teacher_passes_and_head_copy_equal_the_unsharded_teachers(
+    one_rank_group, tiny_tokenizer, tied
+):
+    """`--teacher_fsdp shard`: the teacher's passes run through its root, its lm_head (a unit
+    of its own, with the embeddings when tied) is one gathered copy; both give the unsharded
+    teacher's values."""
+    from switchkd_plugin.testing import build_hf_llava, teacher_spec
+
+    teacher = build_hf_llava(teacher_spec(tie_word_embeddings=tied), tiny_tokenizer).eval()
+    batch = make_host_batch(teacher, tiny_tokenizer, n=2, seed=1)
+    plain = adapter_for(teacher)
+    with torch.no_grad():
+        expected = plain.lm_head(plain.decode(plain.pathway_inputs(batch, plain.project(
+            plain.vision_features(batch)))))  # fmt: skip
+        sharded = copy.deepcopy(teacher).requires_grad_(False)
+        calls = fsdp.FSDPTeacherCalls(adapter_for(fsdp.shard_teacher(sharded)))
+        adapter = calls.adapter
+        hidden = calls.run(lambda: (adapter.decode(adapter.pathway_inputs(
+            batch, adapter.project(adapter.vision_features(batch)))),))[0]  # fmt: skip
+        logits = calls.lm_head()(hidden)
+    assert (sharded.get_output_embeddings().weight is sharded.get_input_embeddings().weight) == tied
+    assert_close(logits, expected, terms=teacher.config.text_config.hidden_size, name="logits")
