@@ -57,18 +57,19 @@ def test_fsdp2_student_head_is_gathered_once_for_all_chunks(
     batch = make_host_batch(hf_student, tiny_tokenizer, n=3, seed=0)
     args = SwitchKDArguments(distill="switchkd", teacher_model_path="x", w_align=0, w_vsd=0,
                              lm_head_chunk_size=8)  # fmt: skip
-    options = engine_options(args, hf_student.lm_head.out_features, run_switch=False)
+    options = engine_options(args, adapter_for(hf_student).lm_head.out_features, run_switch=False)
     reference = copy.deepcopy(hf_student)
     SwitchKDEngine(adapter_for(reference), None, options)(batch).loss.backward()
 
     student = copy.deepcopy(hf_student)
+    head = adapter_for(student).lm_head
     for module in student.modules():  # as accelerate: layers, the head alone, then the root
         if type(module).__name__ in student._no_split_modules:
             fully_shard(module)
-    fully_shard(student.lm_head, reshard_after_forward=False)
+    fully_shard(head, reshard_after_forward=False)
     fully_shard(student)
     adapter = adapter_for(student)
-    gathers = _head_gathers(monkeypatch, student.lm_head)
+    gathers = _head_gathers(monkeypatch, head)
     engine = SwitchKDEngine(adapter, None, options,
                             sharded_student_head=fsdp.gathered_student_head(adapter))  # fmt: skip
     with swapped_forward(student, lambda b: engine(b)):
@@ -76,8 +77,8 @@ def test_fsdp2_student_head_is_gathered_once_for_all_chunks(
     assert -(-terms.response_tokens // 8) > 2  # several chunks
     terms.loss.backward()
     assert len(gathers) == 1, f"the head was gathered {len(gathers)} times for one micro-batch"
-    grad = student.lm_head.weight.grad.full_tensor()
-    assert_close(grad, reference.lm_head.weight.grad, terms=terms.response_tokens,
+    grad = head.weight.grad.full_tensor()
+    assert_close(grad, adapter_for(reference).lm_head.weight.grad, terms=terms.response_tokens,
                  name="lm_head.weight.grad")  # fmt: skip
 
 
