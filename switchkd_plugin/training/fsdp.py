@@ -49,19 +49,26 @@ def local_tensor(tensor: Tensor) -> Tensor:
 
 
 @contextmanager
-def units_gathered(*modules: nn.Module | None) -> Iterator[None]:
-    """The FSDP2 units `modules` (others are skipped) hold their gathered parameters within the
-    block: a root's submodules can then be called directly (each child unit gathers its own when
-    called), and a unit called a different number of times on each rank (the lm_head, per chunk
-    of rows) makes no collective; resharded on exit. A collective: every rank enters it."""
-    roots = [module for module in modules if module is not None and fully_sharded(module)]
-    for root in roots:
-        root.unshard()
+def units_gathered(*modules: nn.Module | None, held: tuple = ()) -> Iterator[None]:
+    """The FSDP2 units `modules` and `held` (others are skipped) hold their gathered parameters
+    within the block: a root's submodules can then be called directly (each child unit gathers
+    its own when called), and a unit called a different number of times on each rank (an
+    lm_head, per chunk of rows) makes no collective. `held`: the teacher's units (built with
+    reshard_after_forward=True, restored on exit), kept gathered across their own calls too.
+    All resharded on exit. A collective: every rank enters it."""
+    units = [m for m in (*modules, *held) if m is not None and fully_sharded(m)]
+    kept = [m for m in held if m is not None and fully_sharded(m)]
+    for unit in kept:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
     try:
         yield
     finally:
-        for root in roots:
-            root.reshard()
+        for unit in kept:
+            unit.set_reshard_after_forward(True, recurse=False)
+        for unit in units:
+            unit.reshard()
 
 
 def fsdp_plugin(trainer: transformers.Trainer):

@@ -210,9 +210,10 @@ class SwitchKDTrainerMixin:
         student = self._unwrap(model)
         sharded = fully_sharded(student)
 
-        def locate() -> list[str]:  # every rank, in step; FSDP2: roots and head gathered
-            head = self._engine.student.lm_head
-            gathered = units_gathered(student, head, self.teacher) if sharded else None
+        def locate() -> list[str]:  # every rank, in step; FSDP2: roots and heads gathered
+            teacher_head = self._engine.teacher and self._engine.teacher.lm_head
+            units = (student, self.teacher, self._engine.student.lm_head)
+            gathered = units_gathered(*units, held=(teacher_head,)) if sharded else None
             with gathered or contextlib.nullcontext():
                 return locate_non_finite(self._engine, batch)
 
