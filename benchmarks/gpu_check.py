@@ -13,6 +13,9 @@ Checks (small models built offline, nothing downloaded):
                   (--teacher_zero3 shard) or replicated (replicate), the switch pass
                   back-propagating through it; each step equals the plain run's (1 process;
                   also 2 processes with different chunk counts when 2 GPUs are visible)
+  fsdp2           the Trainer's FSDP2 (nccl, accelerate's own set-up) with lm_head chunks of 16
+                  rows, the teacher sharded with fully_shard or replicated: each step equals
+                  the plain run's (1 process; also 2 when 2 GPUs are visible)
   autocast_bf16   --bf16 on the plain Trainer (no DeepSpeed): the student's layers output bf16
                   during Switch-KD training, the losses stay float32, the forward is restored
   depth_memory    the step's extra peak memory (max allocated) at teacher depth 8 over depth
@@ -123,15 +126,17 @@ def check_switchkd_bf16() -> str:
     return " ".join(f"{t} {logs[0][t]:.3f}->{logs[-1][t]:.3f}" for t in ("ce", "align", "vsd"))
 
 
-def _dp_step(out: Path, processes: int, config: str, teacher_zero3: str) -> dict:
+def _dp_step(out: Path, processes: int, config: str, teacher: str, fsdp: str = "") -> dict:
+    """The student after `tests/_dp_worker.py`'s step; `teacher`: --teacher_zero3, or
+    --teacher_fsdp with `fsdp` "2" (the Trainer's FSDP2, set up by accelerate on GPUs)."""
     import transformers
 
     worker = ROOT / "tests" / "_dp_worker.py"
     mode = "split" if processes > 1 else "accumulate"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={processes}", str(worker), str(out), mode, config,
-               teacher_zero3]  # fmt: skip
-    env = {**os.environ, "SWITCHKD_DEVICE": "cuda"}
+               teacher]  # fmt: skip
+    env = {**os.environ, "SWITCHKD_DEVICE": "cuda", "SWITCHKD_TEST_FSDP": fsdp}
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     return transformers.LlavaForConditionalGeneration.from_pretrained(str(out)).state_dict()
@@ -160,6 +165,27 @@ def check_zero3_teacher() -> str:
             notes.append(f"{processes} proc {teacher_zero3} max|Δw| {worst:.1e}")
     if len(layouts) == 2:
         notes.append("2-process layouts SKIPPED (one GPU visible; nccl needs one GPU per rank)")
+    return "; ".join(notes)
+
+
+def check_fsdp2() -> str:
+    """The Trainer's FSDP2 on nccl (accelerate sets it up itself here, as in a user's run): the
+    teacher sharded with fully_shard or replicated; each step equals the plain run's."""
+    processes = [1, 2] if torch.cuda.device_count() >= 2 else [1]
+    notes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "plain").mkdir()
+        plain = _dp_step(Path(tmp) / "plain", 1, "", "shard")
+        for count in processes:
+            for teacher in ("shard", "replicate"):
+                out = Path(tmp) / f"{count}-{teacher}"
+                out.mkdir()
+                weights = _dp_step(out, count, "", teacher, fsdp="2")
+                worst = max((weights[k] - v).abs().max().item() for k, v in plain.items())
+                assert worst < 1e-4, f"{count} x {teacher}: differs from plain by {worst}"
+                notes.append(f"{count} proc {teacher} max|Δw| {worst:.1e}")
+    if processes == [1]:
+        notes.append("2-process layouts SKIPPED (one GPU visible)")
     return "; ".join(notes)
 
 
@@ -313,6 +339,7 @@ CHECKS = {
     "attention": check_attention,
     "switchkd_bf16": check_switchkd_bf16,
     "zero3_teacher": check_zero3_teacher,
+    "fsdp2": check_fsdp2,
     "autocast_bf16": check_autocast_bf16,
     "depth_memory": check_depth_memory,
     "speed": check_speed,

@@ -12,7 +12,7 @@ SWITCH_POINTS = ("vision", "connector")
 TEACHER_DTYPES = ("auto", "bfloat16", "float16", "float32")
 NONFINITE_MODES = ("error", "skip")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-TEACHER_ZERO3 = ("shard", "replicate")
+TEACHER_PLACEMENTS = ("shard", "replicate")  # --teacher_zero3, --teacher_fsdp
 
 
 def _arg(default, help: str, **kwargs):
@@ -89,6 +89,12 @@ class SwitchKDArguments:
         "layer); 'replicate' keeps a full frozen copy per rank (no all-gathers), for teachers "
         "that fit beside the student.",
     )
+    teacher_fsdp: Literal["shard", "replicate"] = _arg(
+        "shard",
+        "Under FSDP2: 'shard' shards the frozen teacher with fully_shard (per decoder layer and "
+        "vision block, gathered when each runs); 'replicate' keeps a full frozen copy per rank "
+        "(no all-gathers), for teachers that fit beside the student.",
+    )
     nonfinite: Literal["error", "skip"] = _arg(
         "error",
         "A NaN/inf loss term: 'error' stops with a diagnosis; 'skip' drops the micro-batch (zero "
@@ -122,7 +128,8 @@ class SwitchKDArguments:
             ("switch_point", SWITCH_POINTS),
             ("teacher_dtype", TEACHER_DTYPES),
             ("nonfinite", NONFINITE_MODES),
-            ("teacher_zero3", TEACHER_ZERO3),
+            ("teacher_zero3", TEACHER_PLACEMENTS),
+            ("teacher_fsdp", TEACHER_PLACEMENTS),
         ):
             if getattr(self, name) not in valid:
                 raise ValueError(f"--{name} {getattr(self, name)!r}: choose one of {valid}")

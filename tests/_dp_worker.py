@@ -2,7 +2,10 @@
 
 Every rank builds the same tiny student and teacher, takes its share of two micro-batches (the
 first without any response token), and trains one SGD step (3 in mode split-3-steps); rank 0
-saves the weights. Modes split-nan[-checkpointed] and split-adamw: see `_skipped_window`.
+saves the weights and the log history. Modes: accumulate (1 rank, 2 micro-batches), split (one
+micro-batch per rank), one-batch (1 rank, both as one micro-batch), split-accumulate (2 ranks
+accumulating 2 micro-batches each, the second micro-batch split in 3), split-nan[-checkpointed]
+and split-adamw (`_skipped_window`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from switchkd_plugin.testing import (
     student_spec,
     teacher_spec,
 )
+from switchkd_plugin.testing.fsdp import fsdp_on_cpu
 from switchkd_plugin.testing.trainer import InOrderTrainer, make_trainer, split_batch
+from switchkd_plugin.training.trainer import SwitchKDTrainer
 
 
 def _models_and_micro_batches(family: str):
@@ -84,7 +89,8 @@ def _skipped_window(mode: str, student, micro: list[dict], training: dict):
     layers, under which the Trainer's DDP waits for a gradient of every parameter."""
     training.update(optim="adamw_torch", weight_decay=0.1, learning_rate=1e-2)
     training["gradient_checkpointing"] = mode.endswith("-checkpointed")
-    options = {"nonfinite": "skip", "trainer_class": InOrderTrainer}
+    nonfinite = "error" if mode.endswith("-error") else "skip"  # split-nan-error: the diagnosis
+    options = {"nonfinite": nonfinite, "trainer_class": InOrderTrainer}
     if mode.startswith("split-adamw"):
         return micro, options
     poisoned = {key: value.clone() for key, value in micro[1].items()}
@@ -94,8 +100,10 @@ def _skipped_window(mode: str, student, micro: list[dict], training: dict):
 
 
 def main(
-    out_dir: str, world_micro_batches: str, deepspeed: str = "", teacher_zero3: str = "shard"
+    out_dir: str, world_micro_batches: str, deepspeed: str = "", teacher_placement: str = "shard"
 ) -> None:
+    """`teacher_placement`: --teacher_fsdp under FSDP2 (SWITCHKD_TEST_FSDP=2), else
+    --teacher_zero3."""
     family = os.environ.get("SWITCHKD_TEST_FAMILY", "hf_llava")  # tests/test_famil*.py
     tokenizer, student, teacher, micro = _models_and_micro_batches(family)
     find_unused = os.environ.get("SWITCHKD_TEST_FIND_UNUSED", "1") == "1"
@@ -107,7 +115,11 @@ def main(
     micro[0]["labels"] = torch.full_like(micro[0]["labels"], -100)
     if os.environ.get("SWITCHKD_TEST_TEXT_ONLY") == "1":  # the second micro-batch: no image
         micro[1] = _text_only_micro_batch(family, student, tokenizer)
-    accumulation = 2 if world_micro_batches == "accumulate" else 1
+    if world_micro_batches == "one-batch":  # the two micro-batches as one (same padding)
+        micro = [{key: torch.cat([part[key] for part in micro]) for key in micro[0]}]
+    if world_micro_batches == "split-accumulate":  # 2 ranks x 2 micro-batches: 1+1, 1+1 samples
+        micro = [micro[0], *split_batch(micro[1], (1, 1, 1))]
+    accumulation = {"accumulate": 2, "split-accumulate": 2}.get(world_micro_batches, 1)
     steps = 3 if world_micro_batches == "split-3-steps" else 1
     checkpointing = os.environ.get("SWITCHKD_TEST_TEACHER_CHECKPOINTING") == "1"
     on_gpu = os.environ.get("SWITCHKD_DEVICE") == "cuda"  # benchmarks/gpu_check.py
@@ -128,20 +140,56 @@ def main(
     onpolicy = os.environ.get("SWITCHKD_TEST_ONPOLICY") == "1"
     if onpolicy:  # every micro-batch generated, greedily
         options.update(lmbda=1.0, generation_temperature=0.0, max_new_tokens=5)
+    fsdp = os.environ.get("SWITCHKD_TEST_FSDP", "")  # "2": the Trainer's FSDP2 (tests/test_fsdp.py)
+    if fsdp:
+        training["fsdp"] = "full_shard auto_wrap"
+        training["fsdp_config"] = {"fsdp_version": int(fsdp)}
+        policy = None
+        if os.environ.get("SWITCHKD_TEST_BF16") == "1":  # bf16 compute, fp32 reduction
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            training["bf16"] = True
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        base = options.get("trainer_class", SwitchKDTrainer)
+        options["trainer_class"] = base if on_gpu else fsdp_on_cpu(base, policy)
+    options["teacher_fsdp" if fsdp else "teacher_zero3"] = teacher_placement
+    lora = os.environ.get("SWITCHKD_TEST_LORA") == "1"  # adapters on q_proj / v_proj, both models
+    if lora:
+        import peft
+
+        torch.manual_seed(0)  # random A and B (init_lora_weights=False): B moves A's gradient
+        options["peft_config"] = peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+            init_lora_weights=False,
+        )  # fmt: skip
     # Small lm_head chunks: the checkpointed (recomputed-in-backward) path runs under every layout.
     # The ranks' micro-batches need different chunk counts: they agree on the larger one.
     trainer = make_trainer(student, tokenizer, batches, out_dir, teacher=teacher,
-                       training=training, lm_head_chunk_size=16, teacher_zero3=teacher_zero3,
+                       training=training, lm_head_chunk_size=16,
                        teacher_gradient_checkpointing=checkpointing, **options)  # fmt: skip
     assert trainer.is_deepspeed_enabled == bool(deepspeed)
-    trainer.train()
+    assert trainer.is_fsdp_enabled == bool(fsdp)
+    if lora and trainer.args.process_index == 0:  # the adapters before the step, as saved
+        from safetensors.torch import save_file
+
+        adapters = {
+            name.replace(".default.", "."): value.detach().clone()
+            for name, value in trainer.model.named_parameters() if "lora_" in name
+        }  # fmt: skip
+        save_file(adapters, os.path.join(out_dir, "initial_adapters.safetensors"))
+    try:
+        trainer.train()
+    except FloatingPointError as error:  # split-nan-error: every rank raises, each says its own
+        print(f"rank {trainer.args.process_index}: {error}", flush=True)
+        torch.distributed.barrier()  # before the first exit makes torchrun stop the others
+        raise
     if trainer._teacher_engine is not None and trainer.args.process_index == 0:
         # DeepSpeed prefetches the sharded teacher's parameters once it holds a complete trace
         coordinator = trainer._teacher_engine.optimizer.get_param_coordinator()
         with open(os.path.join(out_dir, "teacher_trace.txt"), "w") as file:
             file.write("complete" if coordinator.is_complete_trace() else "not complete")
     trainer.save_model(out_dir)  # gathers ZeRO-3 shards on rank 0
-    if (skipping or onpolicy) and trainer.args.process_index == 0:
+    if trainer.args.process_index == 0:
         with open(os.path.join(out_dir, "log_history.json"), "w") as file:
             json.dump(trainer.state.log_history, file)
     if torch.distributed.is_initialized():

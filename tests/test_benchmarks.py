@@ -48,3 +48,25 @@ def test_bench_loss_stage_kinds_run_once(kind: str) -> None:
     reset, run = _bench_loss_stage().loss_function(kind, chunks=3, rows=8, vocab=512)
     run()
     reset()
+
+
+def test_bench_fsdp_runs_its_ratio_table_at_a_small_size() -> None:
+    """`bench_fsdp.py` on 2 gloo ranks (the student sharded by accelerate, the teacher by
+    Switch-KD, the engine through the root): its chunk table prints a ratio per chunk size."""
+    import socket
+    import subprocess
+
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("FSDP2 runs through the Trainer from transformers 5 on (docs/fsdp.md)")
+
+    with socket.socket() as probe:  # a free rendezvous port, and the next one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, str(BENCHMARKS / "bench_fsdp.py"), "--small", "--tables",
+               "chunks", "--port", str(port)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.strip().startswith("chunk ")]
+    assert len(rows) == 2 and rows[-1].endswith("1.00x"), result.stdout

@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.config import SwitchKDArguments
@@ -31,6 +32,7 @@ from switchkd_plugin.testing.trainer import (
     split_batch,
     training_args,
 )
+from switchkd_plugin.training.fsdp import FSDP2_TRANSFORMERS
 from switchkd_plugin.training.trainer import (
     SwitchKDTrainer,
     switchkd_trainer_class,
@@ -411,7 +413,7 @@ def test_bf16_training_keeps_the_losses_in_float32(hf_student, hf_teacher, tiny_
     assert logs and all(torch.isfinite(torch.tensor(e["total"])) for e in logs)
 
 
-def test_data_parallel_and_replicate_without_zero3_are_refused(
+def test_data_parallel_and_replicate_without_zero3_or_fsdp2_are_refused(
     hf_student, hf_teacher, tiny_tokenizer, tmp_path
 ):
     batches = [make_host_batch(hf_student, tiny_tokenizer)]
@@ -420,6 +422,9 @@ def test_data_parallel_and_replicate_without_zero3_are_refused(
     ):
         make_trainer(copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path,
                  teacher=copy.deepcopy(hf_teacher), teacher_zero3="replicate")  # fmt: skip
+    with pytest.raises(ValueError, match="--teacher_fsdp replicate applies under FSDP2 only"):
+        make_trainer(copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path,
+                 teacher=copy.deepcopy(hf_teacher), teacher_fsdp="replicate")  # fmt: skip
     args = training_args(tmp_path)
     args._n_gpu = 2  # what TrainingArguments finds with 2 visible GPUs and no launcher
     with pytest.raises(ValueError, match=r"nn.DataParallel.*torchrun --nproc_per_node N"):
@@ -476,15 +481,30 @@ def restored_environ():
     os.environ.update(saved)
 
 
-@pytest.mark.parametrize("how", ["--fsdp", "accelerate"])
-def test_fsdp_is_refused_at_construction_naming_deepspeed_zero3(
+FSDP_REQUESTS = {  # id: (Trainer flags, what `accelerate launch` would export)
+    "fsdp1-flags": ({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 1}}, {}),
+    "fsdp1-accelerate": ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}),
+    "fsdp2-accelerate": ({}, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}),
+}
+
+
+@pytest.mark.parametrize("how", sorted(FSDP_REQUESTS))
+def test_fsdp1_and_fsdp2_on_old_releases_are_refused_naming_the_fix(
     hf_student, tiny_tokenizer, tmp_path, restored_environ, how
 ):
-    training = {"fsdp": "full_shard"} if how == "--fsdp" else {}
-    if how == "accelerate":  # what `accelerate launch` exports for an FSDP config
-        os.environ["ACCELERATE_USE_FSDP"] = "true"
+    """FSDP1 is refused naming FSDP2 (docs/fsdp.md says why); FSDP2 on a transformers whose
+    Trainer hands the optimizer unsharded parameters is refused naming the release needed.
+    On one process: the host Trainer refuses FSDP there, without naming a way out."""
+    training, environ = FSDP_REQUESTS[how]
+    if how == "fsdp2-accelerate":
+        if Version(transformers.__version__) >= Version(FSDP2_TRANSFORMERS):
+            pytest.skip(f"transformers {transformers.__version__} runs FSDP2 (test_trainer_dp)")
+        expected = rf"needs transformers >= {re.escape(FSDP2_TRANSFORMERS)}"
+    else:
+        expected = r"supports FSDP2 only.*FSDP1.*fsdp_version.*2"
+    os.environ.update(environ)
     batches = [make_host_batch(hf_student, tiny_tokenizer, n=2)]
-    with pytest.raises(ValueError, match=r"does not support FSDP yet.*DeepSpeed ZeRO-3"):
+    with pytest.raises(ValueError, match=expected):
         make_trainer(
             copy.deepcopy(hf_student), tiny_tokenizer, batches, tmp_path, w_align=0.0,
             w_vsd=0.0, training=training,

@@ -4,6 +4,9 @@ end to end, on tiny offline models saved to disk and a processor built offline."
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import torch
 import transformers
 
 from switchkd_plugin.testing.tensor_close import assert_close
+from switchkd_plugin.testing.trainer import assert_same_step
 
 trl = pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.[trl]')")
 if not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
@@ -25,6 +29,7 @@ from switchkd_plugin.testing import qwen_vl as qwen  # noqa: E402
 from switchkd_plugin.testing import student_spec, teacher_spec  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distill_qwen2_5_vl.py"
+FSDP_WORKER = Path(__file__).with_name("_fsdp_trl_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +159,38 @@ def test_trls_own_distillation_trainers_are_refused_by_name(module, name):
 
     with pytest.raises(NotImplementedError, match=rf"trl\.{name} is not supported yet"):
         switchkd_trainer_class(host)(switchkd_args=None)
+
+
+def test_sft_trainer_under_fsdp2_takes_the_one_rank_step(example, workdir, tmp_path):
+    """The example on 2 ranks under the Trainer's FSDP2 flags (`--fsdp "full_shard auto_wrap"
+    --fsdp_config` with fsdp_version 2; the student sharded by accelerate, the teacher by
+    `--teacher_fsdp shard`; SFTConfig's default gradient checkpointing, so per-layer teacher
+    checkpointing too) takes the step of 1 rank on both samples: one SGD step in float32 on a
+    2-sample dataset, so both runs see the same samples."""
+    family, root = workdir
+    if family != "qwen2_5_vl":  # one family: the FSDP path does not depend on it (CI time)
+        pytest.skip("FSDP2 through SFTTrainer runs on Qwen2.5-VL only")
+    import datasets
+
+    datasets.load_from_disk(str(root / "data")).select(range(2)).save_to_disk(tmp_path / "data")
+    (tmp_path / "fsdp.json").write_text(json.dumps({"fsdp_version": 2}))
+    sgd = ["--optim", "sgd", "--lr_scheduler_type", "constant", "--max_grad_norm", "0",
+           "--weight_decay", "0", "--bf16", "False", "--max_steps", "1",
+           "--lm_head_chunk_size", "16", "--dataset_path", str(tmp_path / "data")]  # fmt: skip
+    one = _argv(root, tmp_path / "one", *sgd)
+    example.main(one, _processor(family))
+    fsdp = ["--fsdp", "full_shard auto_wrap", "--fsdp_config", str(tmp_path / "fsdp.json")]
+    two = _argv(root, tmp_path / "two", *sgd, "--per_device_train_batch_size", "1", *fsdp)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run([*launch, str(FSDP_WORKER), family, *two], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    model_class = getattr(
+        transformers, transformers.AutoConfig.from_pretrained(root / "student").architectures[0]
+    )
+    before, expected, after = (
+        model_class.from_pretrained(path).state_dict()
+        for path in (root / "student", tmp_path / "one", tmp_path / "two")
+    )
+    assert_same_step(after, expected, before)

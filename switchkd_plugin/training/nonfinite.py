@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from switchkd_plugin.objective.engine import StepTerms
+from switchkd_plugin.training.fsdp import local_tensor, reshard_units
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +50,16 @@ def zero_gradient_loss(model: nn.Module, reached_from: Tensor | None) -> Tensor:
     DDP's to say: with `find_unused_parameters` its reducer has marked those the loss does not
     reach as unused, and a gradient for one of them fails the backward (they keep none, as after
     a finite micro-batch); without it, it waits for a gradient of every parameter.
+    Under FSDP2 (`reached_from` None there): the gradients go to the shards, each rank's own,
+    outside FSDP's hooks; every unit is resharded first, so the model's parameters are those
+    shards (the optimizer's), not the gathered copies this forward left behind.
     """
+    reshard_units(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if reached_from is not None:
         reached = _leaves_reached(reached_from)
         params = [p for p in params if id(p) in reached]
-    return torch.stack([p.sum().float() for p in params]).sum() * 0.0
+    return torch.stack([local_tensor(p).sum().float() for p in params]).sum() * 0.0
 
 
 def _leaves_reached(loss: Tensor) -> set[int]:

@@ -40,6 +40,7 @@ SAFE_TO_CHANGE = {
     "lm_head_chunk_size": "memory and speed only: the same losses, over other row chunks",
     "teacher_gradient_checkpointing": "memory and speed only: the switch pass is recomputed",
     "teacher_zero3": "how the frozen teacher is laid out over the ranks",
+    "teacher_fsdp": "how the frozen teacher is laid out over the ranks",
     "teacher_attn_implementation": "the attention kernel: the same function up to rounding",
     "nonfinite": "what happens on a NaN/inf loss, not the loss",
     "nonfinite_max_in_a_row": "what happens on a NaN/inf loss, not the loss",

@@ -22,6 +22,7 @@ from switchkd_plugin.objective.teacher_calls import (
     TeacherCalls,
     chunk_safe_when_sharded,
 )
+from switchkd_plugin.training import fsdp
 from switchkd_plugin.training.checks import (
     check_switch_fields,
     check_switch_widths,
@@ -74,34 +75,27 @@ def fsdp_requested(args: transformers.TrainingArguments | None) -> bool:
     return bool(getattr(args, "fsdp", None)) or parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
-def fsdp_refusal() -> ValueError:
-    return ValueError(
-        "Switch-KD does not support FSDP yet (--fsdp, or accelerate's FSDP plugin): its engine "
-        "calls the student's modules outside FSDP's wrapped forward. Shard with DeepSpeed ZeRO-3 "
-        "instead, the tested sharding (--deepspeed configs/zero3.json), or train with ZeRO-2 / DDP"
-    )
-
-
 def check_before_host(args: transformers.TrainingArguments | None, settings) -> None:
-    """Before the host Trainer's set-up, which refuses --fsdp on one process without naming a
-    way out."""
+    """Before the host Trainer's set-up: FSDP2 on releases that run it, else an error naming
+    the fix (`fsdp.check_fsdp_request`)."""
     if settings.distill == "switchkd" and fsdp_requested(args):
-        raise fsdp_refusal()
+        fsdp.check_fsdp_request(args)
 
 
 def check_layout(
-    args: transformers.TrainingArguments, settings: SwitchKDArguments, fsdp_enabled: bool
+    args: transformers.TrainingArguments, settings: SwitchKDArguments, fsdp_plugin=None
 ) -> None:
-    """The launch layout Switch-KD runs under: one process per GPU, no FSDP, the teacher and
-    `--nonfinite` options that apply to it; `--torch_compile` is said to do nothing."""
+    """The launch layout Switch-KD runs under: one process per GPU, FSDP2 if FSDP (accelerate's
+    `fsdp_plugin`), the teacher and `--nonfinite` options that apply to it; `--torch_compile`
+    is said to do nothing."""
     if args.n_gpu > 1 and args.world_size == 1:
         raise ValueError(
             f"Switch-KD does not run under nn.DataParallel ({args.n_gpu} GPUs in one "
             "process): launch one process per GPU with `torchrun --nproc_per_node N` or the "
             "`deepspeed` launcher (or set CUDA_VISIBLE_DEVICES to one GPU)"
         )
-    if fsdp_enabled:  # e.g. an accelerate config's FSDP plugin
-        raise fsdp_refusal()
+    if fsdp_plugin is not None:  # the Trainer's, or an accelerate config's
+        fsdp.check_fsdp_version(fsdp_plugin.fsdp_version)
     if args.torch_compile:
         logger.warning(
             "Switch-KD: --torch_compile has no effect: the Trainer compiles the student's "
@@ -113,6 +107,11 @@ def check_layout(
             "--teacher_zero3 replicate applies under DeepSpeed ZeRO-3 only (the teacher is "
             "already a full replica on each rank otherwise): drop the flag, or pass a ZeRO-3 "
             "config with --deepspeed"
+        )
+    if settings.teacher_fsdp == "replicate" and fsdp_plugin is None:
+        raise ValueError(
+            "--teacher_fsdp replicate applies under FSDP2 only (the teacher is already a full "
+            "replica on each rank otherwise): drop the flag, or shard the student with --fsdp"
         )
     if settings.nonfinite == "skip" and zero3_enabled():
         raise ValueError(
@@ -135,11 +134,13 @@ def setup_teacher(
     args: transformers.TrainingArguments,
     student: VLMAdapter,
     teacher: nn.Module | None,
+    fsdp_enabled: bool = False,
 ) -> nn.Module:
     """The frozen teacher: `teacher` (of the student's model type), or loaded from
     `--teacher_model_path` with the student's class and attention. Under ZeRO-3 with
     `--teacher_zero3 shard` a DeepSpeed engine shards it on first use (its config is complete
-    only once training starts); elsewhere it is a frozen replica on the training device."""
+    only once training starts); under FSDP2 with `--teacher_fsdp shard` it is sharded with
+    `fully_shard` here; elsewhere it is a frozen replica on the training device."""
     dtype = teacher_dtype(settings.teacher_dtype, bf16=args.bf16, fp16=args.fp16)
     sharded = teacher_sharded(settings)
     if teacher is None:
@@ -156,7 +157,10 @@ def setup_teacher(
         )
     else:
         check_teacher_model(teacher, student.model)
-    return freeze(teacher, None if sharded else args.device, dtype)
+    teacher = freeze(teacher, None if sharded else args.device, dtype)
+    if fsdp_enabled and settings.teacher_fsdp == "shard":
+        fsdp.shard_teacher(teacher)
+    return teacher
 
 
 def attention_of(module: nn.Module) -> str | None:
@@ -219,20 +223,34 @@ def switch_runs(settings: SwitchKDArguments, student: VLMAdapter, teacher: VLMAd
     return True
 
 
-def teacher_calls(teacher: VLMAdapter, sharded: bool) -> tuple[TeacherCalls, bool]:
+def sharded_teacher_calls(
+    settings: SwitchKDArguments, fsdp_enabled: bool
+) -> type[TeacherCalls] | None:
+    """How a sharded teacher is called: ZeRO-3 (`--teacher_zero3 shard`), FSDP2
+    (`--teacher_fsdp shard`); None: a frozen replica on each rank."""
+    if teacher_sharded(settings):
+        return ShardedTeacherCalls
+    if fsdp_enabled and settings.teacher_fsdp == "shard":
+        return fsdp.FSDPTeacherCalls
+    return None
+
+
+def teacher_calls(
+    teacher: VLMAdapter, sharded: type[TeacherCalls] | None
+) -> tuple[TeacherCalls, bool]:
     """How the engine calls the teacher, and whether its loss stage can chunk the lm_heads
     (a sharded teacher's head is gathered as a copy of a Linear only: `teacher_calls.py`)."""
-    if not sharded:
+    if sharded is None:
         return TeacherCalls(teacher), True
     chunked = chunk_safe_when_sharded(teacher)
     if not chunked:
         logger.warning(
             "Switch-KD: the sharded teacher's lm_head is a %s, not a Linear: the "
             "lm_heads run on all response rows at once (--lm_head_chunk_size is not "
-            "used); --teacher_zero3 replicate keeps the chunks",
+            "used); --teacher_zero3 / --teacher_fsdp replicate keeps the chunks",
             type(teacher.lm_head).__name__,
         )
-    return ShardedTeacherCalls(teacher), chunked
+    return sharded(teacher), chunked
 
 
 def engine_options(
@@ -276,6 +294,7 @@ def build_engine(
     student_tokenizer,
     teacher: nn.Module | None = None,
     teacher_tokenizer=None,
+    fsdp_enabled: bool = False,
 ) -> tuple[SwitchKDEngine, nn.Module | None]:
     """The engine of a trainer's run, and the frozen teacher (None when no term needs one).
 
@@ -285,11 +304,12 @@ def build_engine(
         student_model: the student the Trainer trains (not yet wrapped).
         student_tokenizer: the tokenizer (or processor) the Trainer was given.
         teacher, teacher_tokenizer: given to the trainer, else loaded (`setup_teacher`).
+        fsdp_enabled: the host shards the student with FSDP2 (`fsdp.py`).
     """
     student = adapter_for(student_model)
     adapter, vocab, calls, chunked, run_switch = None, output_rows(student), None, True, False
     if settings.needs_teacher:
-        teacher = setup_teacher(settings, args, student, teacher)
+        teacher = setup_teacher(settings, args, student, teacher, fsdp_enabled)
         adapter = adapter_for(teacher)
         vocab = shared_vocab_size(
             checked_student_tokenizer(student_tokenizer),
@@ -299,7 +319,7 @@ def build_engine(
         )
         settings.check_k_options(vocab)
         run_switch = switch_runs(settings, student, adapter)
-        calls, chunked = teacher_calls(adapter, teacher_sharded(settings))
+        calls, chunked = teacher_calls(adapter, sharded_teacher_calls(settings, fsdp_enabled))
     options = engine_options(
         settings,
         vocab,
@@ -313,6 +333,8 @@ def build_engine(
         options,
         chunk_agreement(args.device, args.world_size),
         teacher_calls=calls,
-        sharded_student_head=gathered_student_head(student),
+        sharded_student_head=(
+            fsdp.gathered_student_head(student) if fsdp_enabled else gathered_student_head(student)
+        ),
     )
     return engine, teacher if settings.needs_teacher else None

@@ -33,6 +33,7 @@ from switchkd_plugin.training.distributed import (
     prepare_zero3,
     zero3_enabled,
 )
+from switchkd_plugin.training.fsdp import fsdp_plugin, fully_sharded, units_gathered
 from switchkd_plugin.training.loss_scale import BackwardRouter, window_tokens
 from switchkd_plugin.training.metrics import TermLog
 from switchkd_plugin.training.nonfinite import NonFiniteGuard
@@ -103,10 +104,11 @@ class SwitchKDTrainerMixin:
         self._backward: BackwardRouter | None = None
         self._nonfinite = NonFiniteGuard(settings.nonfinite, settings.nonfinite_max_in_a_row)
         if settings.distill == "switchkd":
-            check_layout(self.args, settings, getattr(self, "is_fsdp_enabled", False))
+            plugin = fsdp_plugin(self)
+            check_layout(self.args, settings, plugin)
             self._engine, self.teacher = build_engine(
                 settings, self.args, self.model, host_tokenizer(self), teacher_model,
-                teacher_tokenizer,
+                teacher_tokenizer, fsdp_enabled=plugin is not None,
             )  # fmt: skip
             self._backward = BackwardRouter(self.accelerator)
             mark_loss_normalised(self)  # the gradients never see the host's division
@@ -145,8 +147,9 @@ class SwitchKDTrainerMixin:
         the model's own `from_pretrained` then, or refuse (`training/resume.py`). Also with
         `--distill none`: a resume that silently restarts from the initial weights is never
         what the run asked for."""
-        # FSDP / SageMaker pass their wrapper: theirs is the host's loader.
-        own_model = model is None or model is self.model
+        # FSDP / SageMaker pass their wrapper (FSDP2's is the model itself, sharded): theirs is
+        # the host's loader, from the state dict it saved.
+        own_model = (model is None or model is self.model) and not fully_sharded(self.model)
         if own_model and restore_model(self.model, resume_from_checkpoint):
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -207,7 +210,7 @@ class SwitchKDTrainerMixin:
         # DeepSpeed casts the weights instead and this is a no-op): the engine calls the
         # model's parts, not its forward, and replaces the forward below.
         with self.accelerator.autocast():
-            if inner is model:
+            if inner is model and not fully_sharded(inner):
                 return engine(batch)
             with swapped_forward(inner, lambda b: (lambda t: (t.loss, t))(engine(b))):
                 return model(batch)[1]
@@ -221,15 +224,26 @@ class SwitchKDTrainerMixin:
 
     def _skip_if_non_finite(self, model, batch: dict, terms: StepTerms) -> Tensor | None:
         """`--nonfinite` (`NonFiniteGuard.check`): None, a zero-gradient loss, or an error."""
+        student = self._unwrap(model)
+        sharded = fully_sharded(student)
+
+        def locate() -> list[str]:  # every rank, in step; FSDP2: roots and heads gathered
+            teacher_head = self._engine.teacher and self._engine.teacher.lm_head
+            units = (student, self.teacher, self._engine.student.lm_head)
+            gathered = units_gathered(*units, held=(teacher_head,)) if sharded else None
+            with gathered or contextlib.nullcontext():
+                return locate_non_finite(self._engine, batch)
+
         return self._nonfinite.check(
             terms,
             self._sum_over_ranks,
-            self._unwrap(model),
+            student,
             # DDP without find_unused_parameters (e.g. with gradient checkpointing) waits for a
-            # gradient of every parameter; anywhere else, those the loss reaches get one.
-            every_parameter=not getattr(model, "find_unused_parameters", True),
+            # gradient of every parameter, and under FSDP2 each rank's shards get theirs;
+            # anywhere else, those the loss reaches get one.
+            every_parameter=sharded or not getattr(model, "find_unused_parameters", True),
             step=self.state.global_step,
-            locate=lambda: locate_non_finite(self._engine, batch),  # every rank: in step
+            locate=locate,
         )
 
     def get_batch_samples(self, epoch_iterator, *args, **kwargs):
