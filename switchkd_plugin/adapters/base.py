@@ -343,6 +343,12 @@ class VLMAdapter(ABC):
         )
         return outputs.last_hidden_state
 
+    def generate_new_tokens(self, prompts: dict, **generate_kwargs) -> Tensor:
+        """`[B, N]` the tokens the model's `generate` adds to left-padded `prompts` (a batch
+        without labels). HF models take `input_ids` and return them with the new tokens."""
+        new = self.model.generate(**prompts, **generate_kwargs)
+        return new[:, prompts["input_ids"].shape[1] :]
+
     # ------------------------------------------------------------------------ pre-flight
 
     # Config values that must be equal in student and teacher for the switch, as dotted names on

@@ -77,6 +77,23 @@ class TinyLlavaAdapter(VLMAdapter):
     def vision_output_width(self) -> int:
         return self.model.vision_tower._vision_tower.config.hidden_size
 
+    def generate_new_tokens(self, prompts: dict, **generate_kwargs) -> Tensor:
+        """TinyLLaVA's `generate(inputs, images)` starts from embeddings, returns the new tokens
+        only, and re-pads the prompts on the side its `config.tokenizer_padding_side` names:
+        left, for the length of the call."""
+        config = self.model.config
+        saved = config.to_dict().get("tokenizer_padding_side")  # None: unset (then unset again)
+        config.tokenizer_padding_side = "left"
+        try:
+            ids = prompts["input_ids"]
+            rest = {key: value for key, value in prompts.items() if key != "input_ids"}
+            return self.model.generate(inputs=ids, **rest, **generate_kwargs)
+        finally:
+            if saved is None:
+                del config.tokenizer_padding_side
+            else:
+                config.tokenizer_padding_side = saved
+
     @property
     def connector_input_width(self) -> int:
         return self.model.config.vision_hidden_size

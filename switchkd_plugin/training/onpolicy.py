@@ -25,7 +25,6 @@ import torch
 from torch import Tensor, nn
 
 from switchkd_plugin.adapters import adapter_for
-from switchkd_plugin.adapters.tinyllava import TinyLlavaAdapter
 from switchkd_plugin.constants import IGNORE_INDEX
 from switchkd_plugin.objective.engine import SwitchKDEngine
 from switchkd_plugin.training.compat import host_tokenizer
@@ -182,31 +181,13 @@ def generate_responses(model: nn.Module, batch: dict, settings: GenerationSettin
     model.eval()
     try:
         with torch.no_grad():
-            new_tokens = _generated_tokens(model, prompts, settings.generate_kwargs())
+            new_tokens = adapter_for(model).generate_new_tokens(
+                prompts, **settings.generate_kwargs()
+            )
     finally:
         model.train(was_training)
     responses = cut_at_eos(new_tokens, settings.eos_token_ids)
     return rebuilt_batch(batch, lengths, responses, settings.pad_token_id)
-
-
-def _generated_tokens(model: nn.Module, prompts: dict, kwargs: dict) -> Tensor:
-    """`[B, N]` the tokens `model.generate` adds to the left-padded `prompts`. HF models take
-    `input_ids` and return them with the new tokens. TinyLLaVA's `generate(inputs, images)`
-    starts from embeddings, returns the new tokens only, and re-pads the prompts on the side its
-    `config.tokenizer_padding_side` names: left, for the length of the call."""
-    if not isinstance(adapter_for(model), TinyLlavaAdapter):
-        return model.generate(**prompts, **kwargs)[:, prompts["input_ids"].shape[1] :]
-    config = getattr(model, "get_base_model", lambda: model)().config
-    saved = config.to_dict().get("tokenizer_padding_side")  # None: unset (then unset again)
-    config.tokenizer_padding_side = "left"
-    try:
-        ids, rest = prompts["input_ids"], {k: v for k, v in prompts.items() if k != "input_ids"}
-        return model.generate(inputs=ids, **rest, **kwargs)
-    finally:
-        if saved is None:
-            del config.tokenizer_padding_side
-        else:
-            config.tokenizer_padding_side = saved
 
 
 def without_ce(engine: SwitchKDEngine) -> SwitchKDEngine:
