@@ -51,15 +51,20 @@ class TeacherCalls:
         return self.adapter.lm_head
 
 
-class ShardedTeacherCalls(TeacherCalls):
-    """A teacher sharded by its own ZeRO-3 engine (`--teacher_zero3 shard`)."""
+class RootTeacherCalls(TeacherCalls):
+    """A sharded teacher: one step's passes run in one call of its root module, so the
+    sharding's hooks on the root gather its own parameters and see the passes' outputs."""
 
     def run(self, passes: Callable[[], Passes]) -> Passes:
-        # The root module's hooks: the trace starts (and, after the first step, prefetches);
-        # the outputs, tensors only, get DeepSpeed's pre-backward gathers.
         root = self.adapter.model
         with swapped_forward(root, passes):
             return root()
+
+
+class ShardedTeacherCalls(RootTeacherCalls):
+    """A teacher sharded by its own ZeRO-3 engine (`--teacher_zero3 shard`). Through the root
+    module's hooks its trace starts (and, after the first step, prefetches); the outputs,
+    tensors only, get DeepSpeed's pre-backward gathers."""
 
     def lm_head(self) -> Callable[[Tensor], Tensor]:
         import deepspeed

@@ -20,8 +20,7 @@ from packaging.version import Version
 from torch import Tensor, nn
 
 from switchkd_plugin.adapters import VLMAdapter
-from switchkd_plugin.objective.forward_swap import swapped_forward
-from switchkd_plugin.objective.teacher_calls import Passes, TeacherCalls
+from switchkd_plugin.objective.teacher_calls import RootTeacherCalls
 
 # The Trainer creates the optimizer after FSDP2 shards the model from transformers 4.51.0 on
 # (before, it hands the optimizer the unsharded parameters); accelerate's FSDP2 plugin: 1.6.0.
@@ -156,16 +155,11 @@ def full(tensor: Tensor | None) -> Tensor | None:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-class FSDPTeacherCalls(TeacherCalls):
-    """A teacher sharded with `fully_shard` (`--teacher_fsdp shard`): one step's passes run in
-    one call of its root module (whose hooks gather the root's own parameters: embeddings,
-    connector, norms), and the loss stage uses a gathered copy of its lm_head weight, one
-    all-gather per micro-batch instead of one per chunk."""
-
-    def run(self, passes: Callable[[], Passes]) -> Passes:
-        root = self.adapter.model
-        with swapped_forward(root, passes):
-            return root()
+class FSDPTeacherCalls(RootTeacherCalls):
+    """A teacher sharded with `fully_shard` (`--teacher_fsdp shard`): its passes run through
+    its root module (whose hooks gather the root's own parameters: embeddings, connector,
+    norms), and the loss stage uses a gathered copy of its lm_head weight, one all-gather per
+    micro-batch instead of one per chunk."""
 
     def lm_head(self) -> Callable[[Tensor], Tensor]:
         head = self.adapter.lm_head
