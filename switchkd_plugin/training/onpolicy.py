@@ -102,7 +102,7 @@ def prompt_lengths(batch: dict) -> Tensor:
     return lengths
 
 
-def _pad(rows: list[Tensor], value: int, side: str) -> Tensor:
+def pad_rows(rows: list[Tensor], value: int, side: str) -> Tensor:
     """Rows `[len_i]` -> `[n, max len_i]`, padded on `side` with `value`."""
     width = max(len(row) for row in rows)
     out = rows[0].new_full((len(rows), width), value)
@@ -130,7 +130,7 @@ def prompt_batch(batch: dict, lengths: Tensor, pad_token_id: int) -> dict:
 
     def prompts(key: str, pad: int) -> Tensor:
         rows = zip(batch[key], lengths.tolist(), strict=True)
-        return _pad([row[:n] for row, n in rows], pad, "left")
+        return pad_rows([row[:n] for row, n in rows], pad, "left")
 
     out = {key: value for key, value in batch.items() if key not in ("labels", ONPOLICY_KEY)}
     out["input_ids"] = prompts("input_ids", pad_token_id)
@@ -158,7 +158,7 @@ def rebuilt_batch(batch: dict, lengths: Tensor, responses: list[Tensor], pad_tok
         """Each sample's prompt part of `batch[key]`, then `response(its response)`."""
         parts = zip(batch[key], lengths.tolist(), responses, strict=True)
         rows = [torch.cat([row[:n], response(r).to(row)]) for row, n, r in parts]
-        return _pad(rows, pad, "right")
+        return pad_rows(rows, pad, "right")
 
     out = {key: value for key, value in batch.items() if key != ONPOLICY_KEY}
     out["input_ids"] = joined("input_ids", lambda r: r, pad_token_id)
@@ -338,17 +338,25 @@ def _parameter_offload(wrapped: nn.Module):
     return getattr(optimizer, "parameter_offload", optimizer)
 
 
-# TRL trainers that generate their own completions and compute their own divergence.
-GENERATING_TRAINERS = ("DistillationTrainer", "GKDTrainer")
-
-
 def refuse_generating_host(trainer_class: type) -> None:
-    """Switch-KD on top of TRL's `DistillationTrainer` / `GKDTrainer` is not supported yet:
-    their generation and divergence would run beside ours. Say what works instead."""
+    """TRL's `GKDTrainer` generates and scores its own mix of batches: refused by name, saying
+    what does the same with the visual switch. TRL's `DistillationTrainer` works through
+    `switchkd_trainer_class` only (`training/distillation_host.py`), which marks its class."""
     for base in trainer_class.__mro__:
-        if base.__name__ in GENERATING_TRAINERS and base.__module__.startswith("trl."):
+        if not base.__module__.startswith("trl."):
+            continue
+        if base.__name__ == "GKDTrainer":
             raise NotImplementedError(
-                f"Switch-KD on trl.{base.__name__} is not supported yet (its own generation and "
-                "divergence would run beside Switch-KD's): use switchkd_trainer_class(SFTTrainer) "
-                "with --lmbda for on-policy Switch-KD (docs/onpolicy.md)"
+                "Switch-KD on trl.GKDTrainer is not supported (its own generation and divergence "
+                "would run beside Switch-KD's): GKD's mix is --lmbda on SwitchKDTrainer or "
+                "switchkd_trainer_class(SFTTrainer), or use switchkd_trainer_class("
+                "trl.DistillationTrainer) for TRL's on-policy generation (docs/onpolicy.md)"
+            )
+        if base.__name__ == "DistillationTrainer" and not getattr(
+            trainer_class, "host_generates_completions", False
+        ):
+            raise NotImplementedError(
+                "Switch-KD on trl.DistillationTrainer: build the class with "
+                "switchkd_trainer_class(trl.DistillationTrainer), which puts the Switch-KD "
+                "objective in place of its divergence (docs/onpolicy.md)"
             )

@@ -187,15 +187,17 @@ class SwitchKDTrainerMixin:
             loss = skipped  # a zero-gradient loss: no scaling to get right
         else:
             # Gradients are averaged over ranks (x world size): what remains is sum / tokens.
-            count = window_tokens(
-                num_items_in_batch, window_items, terms, self.args, self.accelerator
-            )
+            count = self._window_tokens(num_items_in_batch, window_items, terms)
             loss = terms.loss / count * self.args.world_size
             self._backward.expect(loss)  # the gradients are those of `loss`, on every release
             if num_items_in_batch is None:  # such Trainers report loss / accumulation steps
                 loss = loss * self.args.gradient_accumulation_steps
             self._term_log.add(terms, engine.options.weights)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _window_tokens(self, num_items_in_batch, window_items, terms: StepTerms) -> Tensor:
+        """The response tokens of the accumulation window on every rank (`window_tokens`)."""
+        return window_tokens(num_items_in_batch, window_items, terms, self.args, self.accelerator)
 
     def _run_engine(self, model: nn.Module, batch: dict, engine: SwitchKDEngine) -> StepTerms:
         """Run the engine through `model`'s wrapper (DDP / DeepSpeed) so its forward hooks and
@@ -308,5 +310,13 @@ class SwitchKDTrainer(SwitchKDTrainerMixin, transformers.Trainer):
 
 
 def switchkd_trainer_class(base: type[transformers.Trainer]) -> type[transformers.Trainer]:
-    """Switch-KD on top of any Trainer subclass, e.g. TinyLLaVA Factory's `LLaVATrainer`."""
-    return type(f"SwitchKD{base.__name__}", (SwitchKDTrainerMixin, base), {})
+    """Switch-KD on top of any Trainer subclass, e.g. TinyLLaVA Factory's `LLaVATrainer`, TRL's
+    `SFTTrainer`, or TRL's `DistillationTrainer` (its on-policy generation, Switch-KD's
+    objective: `training/distillation_host.py`)."""
+    from switchkd_plugin.training.distillation_host import (
+        SwitchKDDistillationMixin,
+        is_distillation_trainer,
+    )
+
+    mixin = SwitchKDDistillationMixin if is_distillation_trainer(base) else SwitchKDTrainerMixin
+    return type(f"SwitchKD{base.__name__}", (mixin, base), {})

@@ -1,0 +1,46 @@
+"""One rank of the DistillationTrainer layout test (run by tests/test_trl_distillation.py via
+torchrun): every rank builds the same tiny Qwen2.5-VL student and teacher and the 2-prompt
+dataset, takes one greedy on-policy Switch-KD step with one prompt per rank (plain DDP, or
+DeepSpeed with the config given), and the writing rank saves the student.
+
+Args (argv): the output directory, a DeepSpeed config path ("" for DDP).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch
+from test_trl_distillation import QUESTIONS, _config, _dataset, _trainer
+
+from switchkd_plugin.testing import qwen_vl as qwen
+from switchkd_plugin.testing import student_spec, teacher_spec
+
+
+def main(out: str, deepspeed: str) -> None:
+    torch.set_num_threads(1)
+    tokenizer = qwen.build_qwen_vl_tokenizer()
+    student = qwen.build_qwen_vl("qwen2_5_vl", student_spec(), tokenizer)
+    teacher = qwen.build_qwen_vl("qwen2_5_vl", teacher_spec(), tokenizer).requires_grad_(False)
+    images = qwen.make_images(len(QUESTIONS), seed=4)
+    # The Trainer's own token count off: TRL's (gathered over the ranks) is the one used.
+    config = _config(
+        out, per_device_train_batch_size=1, deepspeed=deepspeed or None,
+        average_tokens_across_devices=False,
+    )  # fmt: skip
+    trainer = _trainer(student, teacher.eval(), tokenizer, _dataset(images), config)
+    trainer.train()
+    trainer.save_model(out)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
