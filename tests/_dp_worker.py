@@ -99,6 +99,29 @@ def _skipped_window(mode: str, student, micro: list[dict], training: dict):
     return [micro[0], poisoned, *micro], options
 
 
+def _eos_ending_the_first_micro_batch_early(student, micro: list[dict], pad: int, new: int) -> int:
+    """A token the first micro-batch's greedy response reaches before `new` tokens and the
+    second's never contains: as an EOS, the rank generating the first stops early while the
+    other runs on, so the ranks stop generating at different lengths."""
+    from switchkd_plugin.training.onpolicy import prompt_batch, prompt_lengths
+
+    def responses(batch: dict) -> torch.Tensor:  # greedy, no EOS, as the trainer prompts
+        prompts = prompt_batch(batch, prompt_lengths(batch), pad)
+        with torch.no_grad():
+            return adapter_for(student).generate_new_tokens(
+                prompts, max_new_tokens=new, do_sample=False, eos_token_id=[-1],
+                pad_token_id=pad, temperature=None, top_p=None, top_k=None,
+            )  # fmt: skip
+
+    student.eval()
+    first, other = responses(micro[0])[0].tolist(), set(responses(micro[1]).flatten().tolist())
+    student.train()
+    for position, token in enumerate(first[: new - 1]):
+        if token not in first[:position] and token not in other:
+            return token
+    raise AssertionError(f"no token ends the first micro-batch alone: {first}, {other}")
+
+
 def main(
     out_dir: str, world_micro_batches: str, deepspeed: str = "", teacher_placement: str = "shard"
 ) -> None:
@@ -138,8 +161,10 @@ def main(
     if skipping:
         batches, options = _skipped_window(world_micro_batches, student, micro, training)
     onpolicy = os.environ.get("SWITCHKD_TEST_ONPOLICY") == "1"
-    if onpolicy:  # every micro-batch generated, greedily
+    if onpolicy:  # every micro-batch generated, greedily; the ranks stop at different lengths
         options.update(lmbda=1.0, generation_temperature=0.0, max_new_tokens=5)
+        eos = _eos_ending_the_first_micro_batch_early(student, micro, tokenizer.pad_token_id, 5)
+        student.generation_config.eos_token_id = eos
     fsdp = os.environ.get("SWITCHKD_TEST_FSDP", "")  # "2": the Trainer's FSDP2 (tests/test_fsdp.py)
     if fsdp:
         training["fsdp"] = "full_shard auto_wrap"

@@ -223,15 +223,21 @@ def test_ddp_without_find_unused_refuses_a_student_with_unreached_parameters(tmp
     )
 
 
-@pytest.mark.parametrize("stage", [None, 3], ids=["ddp-2", "zero3-2"])
-def test_onpolicy_ranks_take_the_one_rank_step(tmp_path, stage):
+@pytest.mark.parametrize("layout", ["ddp-2", "zero3-2", "fsdp2-2"])
+def test_onpolicy_ranks_take_the_one_rank_step(tmp_path, layout):
     """`--lmbda 1`, greedy: each rank generates its own micro-batch's responses (padded on the
-    rank; under ZeRO-3 with the student's parameters gathered, as the ranks stop generating at
-    different lengths) and the step equals 1 rank accumulating both micro-batches."""
+    rank; the ranks stop generating at different lengths: under ZeRO-3 with the student's
+    parameters gathered, under FSDP2 in step with the sharded student, a forward per token on
+    every rank until all are done) and the step equals 1 rank accumulating both micro-batches.
+    """
+    stage = 3 if layout == "zero3-2" else None
     if stage is not None and (not HAS_DEEPSPEED or OLD_ZERO3):
         pytest.skip("needs deepspeed >= 0.15.4 (pip install -e '.[deepspeed]')")
+    if layout == "fsdp2-2" and not FSDP2_TRAINER:
+        pytest.skip(f"transformers {transformers.__version__}: no FSDP2 from the Trainer's flags")
     reference = _run(tmp_path / "one", 1, None, onpolicy=True)
-    after = _run(tmp_path / "two", 2, stage, onpolicy=True)
+    fsdp = 2 if layout == "fsdp2-2" else None
+    after = _run(tmp_path / "two", 2, stage, onpolicy=True, fsdp=fsdp)
     assert_same_step(after, reference, _initial_weights())
     logs = json.loads(next((tmp_path / "two").glob("2-ranks-*/log_history.json")).read_text())
     assert [e["onpolicy_batches"] for e in logs if "loss" in e] == [1]  # per rank

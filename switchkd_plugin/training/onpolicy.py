@@ -43,13 +43,16 @@ REFUSED_KEYS = ("position_ids", "cache_position")
 class GenerationSettings:
     """How responses are generated (`--max_new_tokens`, `--generation_temperature`, `--top_p`).
 
-    `eos_token_ids` end a response (kept as its last token); `pad_token_id` pads."""
+    `eos_token_ids` end a response (kept as its last token); `pad_token_id` pads; `synced`:
+    every rank runs a forward per new token until all are done (sharded models under FSDP2,
+    whose forwards all-gather: ranks stopping at different lengths would otherwise hang)."""
 
     max_new_tokens: int
     temperature: float
     top_p: float
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
+    synced: bool = False
 
     def generate_kwargs(self) -> dict:
         sampling = self.temperature > 0
@@ -59,6 +62,8 @@ class GenerationSettings:
             eos_token_id=list(self.eos_token_ids),
             pad_token_id=self.pad_token_id,
         )
+        if self.synced:
+            kwargs["synced_gpus"] = True
         if sampling:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
         else:  # the model's generation_config may set sampling values greedy decoding ignores
@@ -66,9 +71,12 @@ class GenerationSettings:
         return kwargs
 
 
-def generation_settings(args, model: nn.Module, tokenizer) -> GenerationSettings:
+def generation_settings(
+    args, model: nn.Module, tokenizer, synced: bool = False
+) -> GenerationSettings:
     """From the run's `SwitchKDArguments` `args`; EOS from the student's `generation_config`,
-    else its tokenizer's; padding with the tokenizer's pad token, else EOS."""
+    else its tokenizer's; padding with the tokenizer's pad token, else EOS; `synced` as
+    `GenerationSettings` has it."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
     config = getattr(model, "generation_config", None)
     eos = getattr(config, "eos_token_id", None)
@@ -83,7 +91,7 @@ def generation_settings(args, model: nn.Module, tokenizer) -> GenerationSettings
     pad = getattr(tokenizer, "pad_token_id", None)
     return GenerationSettings(
         args.max_new_tokens, args.generation_temperature, args.top_p, eos,
-        eos[0] if pad is None else pad,
+        eos[0] if pad is None else pad, synced,
     )  # fmt: skip
 
 
@@ -275,8 +283,6 @@ def build_onpolicy(trainer, settings) -> OnPolicyBatches | None:
     the Trainer then runs exactly as without this module. Refuses what it does not support."""
     if settings.distill != "switchkd" or settings.lmbda == 0:
         return None
-    if getattr(trainer, "is_fsdp_enabled", False):
-        raise NotImplementedError("--lmbda > 0 is not supported under FSDP yet; use ZeRO-3")
     if settings.seq_kd and zero3_enabled() and teacher_sharded(settings):
         raise NotImplementedError(
             "--seq_kd under ZeRO-3 generates with the teacher: use --teacher_zero3 replicate"
@@ -288,9 +294,11 @@ def build_onpolicy(trainer, settings) -> OnPolicyBatches | None:
         return trainer.model, _generating_student(trainer)
 
     args = trainer.args
+    # FSDP2 generates with the sharded models (each forward gathers its units), as TRL does.
+    synced = getattr(trainer, "is_fsdp_enabled", False) and args.world_size > 1
     return OnPolicyBatches(
         settings.lmbda,
-        generation_settings(settings, trainer.model, host_tokenizer(trainer)),
+        generation_settings(settings, trainer.model, host_tokenizer(trainer), synced=synced),
         args.seed,
         args.process_index,
         generator_model,
