@@ -16,24 +16,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
-from test_trl_distillation import QUESTIONS, _config, _dataset, _trainer
-
-from switchkd_plugin.testing import qwen_vl as qwen
-from switchkd_plugin.testing import student_spec, teacher_spec
+from test_trl_distillation import _config, _qwen_family, _trainer
 
 
 def main(out: str, deepspeed: str) -> None:
     torch.set_num_threads(1)
-    tokenizer = qwen.build_qwen_vl_tokenizer()
-    student = qwen.build_qwen_vl("qwen2_5_vl", student_spec(), tokenizer)
-    teacher = qwen.build_qwen_vl("qwen2_5_vl", teacher_spec(), tokenizer).requires_grad_(False)
-    images = qwen.make_images(len(QUESTIONS), seed=4)
+    family = _qwen_family()
+    family.teacher.requires_grad_(False).eval()
     # The Trainer's own token count off: TRL's (gathered over the ranks) is the one used.
     config = _config(
         out, per_device_train_batch_size=1, deepspeed=deepspeed or None,
         average_tokens_across_devices=False,
     )  # fmt: skip
-    trainer = _trainer(student, teacher.eval(), tokenizer, _dataset(images), config)
+    trainer = _trainer(family, config)
     trainer.train()
     trainer.save_model(out)
     torch.distributed.barrier()

@@ -1,6 +1,6 @@
 """Switch-KD on TRL's `DistillationTrainer` (`switchkd_trainer_class(trl.DistillationTrainer)`):
 TRL's prompt handling and on-policy generation, the Switch-KD objective in place of its
-divergence, on tiny offline Qwen2.5-VL models and a processor built offline.
+divergence, on tiny offline Qwen2.5-VL and LLaVA models and their processors built offline.
 
 The reference of a step is built here independently of TRL: each prompt rendered and tokenised
 by hand, generated from alone (no padding), the batch assembled by hand, then the off-policy
@@ -10,14 +10,25 @@ Switch-KD step with `w_ce` 0 on it (`SwitchKDTrainer`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
 import transformers
 
 from switchkd_plugin import SwitchKDArguments, SwitchKDTrainerMixin, switchkd_trainer_class
-from switchkd_plugin.testing import IGNORE_INDEX, student_spec, teacher_spec
+from switchkd_plugin.testing import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    build_hf_llava,
+    build_llava_processor,
+    build_tokenizer,
+    student_spec,
+    teacher_spec,
+)
 from switchkd_plugin.testing import qwen_vl as qwen
 from switchkd_plugin.testing.trainer import assert_same_step, make_trainer
 from switchkd_plugin.training.distillation_host import completion_batch
@@ -38,46 +49,117 @@ MAX_NEW = 5
 QUESTIONS = ("what colour is the circle on the left?", "how many shapes?")
 
 
-# ----------------------------------------------------------------------------- reference
+# ----------------------------------------------------------------------------- families
 
 
-def _prompt_text(question: str) -> str:
-    """The chat template's rendering of a user turn with its image (16 merged tokens) and the
-    assistant's opening, by hand."""
-    image = qwen.VISION_START + qwen.IMAGE_PAD * 16 + qwen.VISION_END
+@dataclass
+class Family:
+    """A family's tiny student and teacher, tokenizer, processor, images, and the reference's
+    own rendering of a prompt: its tokens `[1, P]`, attention mask and image inputs, by hand."""
+
+    name: str
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    tokenizer: transformers.PreTrainedTokenizerBase
+    make_processor: Callable[[transformers.PreTrainedTokenizerBase], object]
+    images: list
+    prompt_inputs: Callable[[str, object], dict]
+
+    def processor(self, padding_side: str = "left"):
+        processor = self.make_processor(copy.deepcopy(self.tokenizer))
+        processor.tokenizer.padding_side = padding_side
+        return processor
+
+
+def _turn(question: str, image: str) -> str:
+    """The chat template's user turn with its image placeholder, and the assistant's opening."""
     return f"<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def _generated_alone(student, tokenizer, images, eos: list[int]) -> list[dict]:
-    """Each sample's prompt tokens, image inputs and greedy response, generated from alone."""
+def _qwen_family() -> Family:
+    tokenizer = qwen.build_qwen_vl_tokenizer()
     image_processor = qwen.build_image_processor()
-    model = copy.deepcopy(student).eval()
     image_id = tokenizer.convert_tokens_to_ids(qwen.IMAGE_PAD)
-    samples = []
-    for question, image in zip(QUESTIONS, images, strict=True):
-        ids = tokenizer(_prompt_text(question)).input_ids
+
+    def prompt_inputs(question: str, image) -> dict:
+        placeholder = qwen.VISION_START + qwen.IMAGE_PAD * 16 + qwen.VISION_END  # 2x2-merged
+        ids = torch.tensor([tokenizer(_turn(question, placeholder)).input_ids])
         pixels = image_processor([image], return_tensors="pt")
-        prompt = torch.tensor([ids])
-        inputs = {
-            "input_ids": prompt,
-            "attention_mask": torch.ones_like(prompt),
-            "mm_token_type_ids": (prompt == image_id).long(),
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": (ids == image_id).long(),
             "pixel_values": pixels["pixel_values"],
             "image_grid_thw": pixels["image_grid_thw"],
         }
+
+    return Family(
+        "qwen2_5_vl",
+        qwen.build_qwen_vl("qwen2_5_vl", student_spec(), tokenizer),
+        qwen.build_qwen_vl("qwen2_5_vl", teacher_spec(), tokenizer),
+        tokenizer,
+        lambda tok: qwen.build_processor("qwen2_5_vl", tok),
+        qwen.make_images(len(QUESTIONS), seed=4),
+        prompt_inputs,
+    )
+
+
+def _llava_family() -> Family:
+    tokenizer, spec = build_tokenizer(), student_spec()
+    image_processor = transformers.SiglipImageProcessor(
+        size={"height": spec.image_size, "width": spec.image_size}
+    )
+
+    def prompt_inputs(question: str, image) -> dict:
+        ids = torch.tensor([tokenizer(_turn(question, IMAGE_TOKEN * spec.num_patches)).input_ids])
+        pixels = image_processor([image], return_tensors="pt")["pixel_values"]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+    return Family(
+        "hf_llava",
+        build_hf_llava(spec, tokenizer),
+        build_hf_llava(teacher_spec(), tokenizer),
+        tokenizer,
+        lambda tok: build_llava_processor(spec, tok),
+        qwen.make_images(len(QUESTIONS), seed=4, size=spec.image_size),
+        prompt_inputs,
+    )
+
+
+FAMILIES = {"qwen2_5_vl": _qwen_family, "hf_llava": _llava_family}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request) -> Family:
+    built = FAMILIES[request.param]()
+    built.teacher.requires_grad_(False).eval()
+    return built
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _generated_alone(family: Family, eos: list[int]) -> list[dict]:
+    """Each sample's prompt inputs (rendered by hand) and greedy response, generated alone."""
+    model = copy.deepcopy(family.student).eval()
+    samples = []
+    for question, image in zip(QUESTIONS, family.images, strict=True):
+        inputs = family.prompt_inputs(question, image)
         with torch.no_grad():
             out = model.generate(
                 **inputs, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos,
-                pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None,
+                pad_token_id=family.tokenizer.pad_token_id, temperature=None, top_p=None,
+                top_k=None,
             )  # fmt: skip
-        new = out[0, len(ids) :].tolist()
+        new = out[0, inputs["input_ids"].shape[1] :].tolist()
         ends = [i for i, token in enumerate(new) if token in eos]
         samples.append({**inputs, "response": new[: ends[0] + 1] if ends else new})
     return samples
 
 
 def _by_hand(samples: list[dict], pad: int) -> dict:
-    """Prompt + response per sample, right-padded, the response supervised."""
+    """Prompt + response per sample, right-padded, the response supervised; image inputs
+    concatenated in order."""
     rows = [s["input_ids"][0].tolist() + s["response"] for s in samples]
     width = max(map(len, rows))
 
@@ -85,32 +167,21 @@ def _by_hand(samples: list[dict], pad: int) -> dict:
         return row + [value] * (width - len(row))
 
     labels = [[IGNORE_INDEX] * s["input_ids"].shape[1] + s["response"] for s in samples]
-    types = [s["mm_token_type_ids"][0].tolist() + [0] * len(s["response"]) for s in samples]
-    return {
+    batch = {
         "input_ids": torch.tensor([padded(r, pad) for r in rows]),
         "attention_mask": torch.tensor([padded([1] * len(r), 0) for r in rows]),
         "labels": torch.tensor([padded(r, IGNORE_INDEX) for r in labels]),
-        "mm_token_type_ids": torch.tensor([padded(t, 0) for t in types]),
-        "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
-        "image_grid_thw": torch.cat([s["image_grid_thw"] for s in samples]),
     }
+    if "mm_token_type_ids" in samples[0]:
+        types = [s["mm_token_type_ids"][0].tolist() + [0] * len(s["response"]) for s in samples]
+        batch["mm_token_type_ids"] = torch.tensor([padded(t, 0) for t in types])
+    for key in ("pixel_values", "image_grid_thw"):
+        if key in samples[0]:
+            batch[key] = torch.cat([s[key] for s in samples])
+    return batch
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def models():
-    tokenizer = qwen.build_qwen_vl_tokenizer()
-    student = qwen.build_qwen_vl("qwen2_5_vl", student_spec(), tokenizer)
-    teacher = qwen.build_qwen_vl("qwen2_5_vl", teacher_spec(), tokenizer).requires_grad_(False)
-    return student, teacher.eval(), tokenizer
-
-
-def _processor(tokenizer, padding_side: str = "left"):
-    processor = qwen.build_processor("qwen2_5_vl", copy.deepcopy(tokenizer))
-    processor.tokenizer.padding_side = padding_side
-    return processor
 
 
 def _dataset(images) -> datasets.Dataset:
@@ -135,24 +206,25 @@ def _config(output_dir, **overrides) -> trl.DistillationConfig:
     return trl.DistillationConfig(**options)
 
 
-def _trainer(student, teacher, tokenizer, dataset, config, processor=None, **switchkd):
+def _trainer(family: Family, config, processor=None, student=None, **switchkd):
+    """Switch-KD on TRL's DistillationTrainer: `student` (default: a copy of the family's)."""
     return switchkd_trainer_class(trl.DistillationTrainer)(
-        model=student,
-        teacher_model=teacher,
+        model=student if student is not None else copy.deepcopy(family.student),
+        teacher_model=family.teacher,
         args=config,
-        train_dataset=dataset,
-        processing_class=processor or _processor(tokenizer),
-        teacher_tokenizer=tokenizer,
+        train_dataset=_dataset(family.images),
+        processing_class=processor or family.processor(),
+        teacher_tokenizer=family.tokenizer,
         switchkd_args=SwitchKDArguments(
             **{"distill": "switchkd", "teacher_model_path": "given-as-object", **switchkd}
         ),
     )
 
 
-def _eos_ending_sample_0_early(student, tokenizer, images) -> int:
+def _eos_ending_sample_0_early(family: Family) -> int:
     """A token sample 0's greedy response reaches before `MAX_NEW` and sample 1's never
     contains: as an EOS, sample 0 stops there and sample 1 runs to `max_completion_length`."""
-    free = _generated_alone(student, tokenizer, images, eos=[tokenizer.eos_token_id])
+    free = _generated_alone(family, eos=[family.tokenizer.eos_token_id])
     first, other = free[0]["response"], set(free[1]["response"])
     for position, token in enumerate(first[: MAX_NEW - 1]):
         if token not in first[:position] and token not in other:
@@ -164,19 +236,18 @@ def _eos_ending_sample_0_early(student, tokenizer, images) -> int:
 
 
 @pytest.mark.parametrize("accumulation", [1, 2], ids=["batch2", "2x1_accumulated"])
-def test_step_equals_generate_alone_then_the_off_policy_step(models, tmp_path, accumulation):
+def test_step_equals_generate_alone_then_the_off_policy_step(family, tmp_path, accumulation):
     """Greedy: TRL's generation (prompts left-padded together) + the repacked batch + Switch-KD
     equals generating each prompt alone and taking the off-policy step with `w_ce` 0 on the
     batch built by hand. Sample 0 stops at an EOS (kept, supervised), sample 1 runs to
     `max_completion_length`. Accumulating two micro-batches of one takes the same step (TRL's
     count of the window's completion tokens normalises both)."""
-    student, teacher, tokenizer = models
-    student = copy.deepcopy(student)
-    images = qwen.make_images(len(QUESTIONS), seed=4)
-    stop = _eos_ending_sample_0_early(student, tokenizer, images)
+    student, tokenizer = copy.deepcopy(family.student), family.tokenizer
+    stop = _eos_ending_sample_0_early(family)
     student.generation_config.eos_token_id = stop  # TRL adds the tokenizer's own EOS
-    eos = [tokenizer.eos_token_id, stop]
-    samples = _generated_alone(student, tokenizer, images, eos)
+    samples = _generated_alone(
+        dataclasses.replace(family, student=student), [tokenizer.eos_token_id, stop]
+    )
     assert samples[0]["response"][-1] == stop and len(samples[0]["response"]) < MAX_NEW
     assert len(samples[1]["response"]) == MAX_NEW
     expected = _by_hand(samples, tokenizer.pad_token_id)
@@ -186,10 +257,10 @@ def test_step_equals_generate_alone_then_the_off_policy_step(models, tmp_path, a
         per_device_train_batch_size=2 // accumulation,
         gradient_accumulation_steps=accumulation,
     )
-    trainer = _trainer(copy.deepcopy(student), teacher, tokenizer, _dataset(images), config)
+    trainer = _trainer(family, config, student=copy.deepcopy(student))
     trainer.train()
     reference = make_trainer(
-        copy.deepcopy(student), tokenizer, [expected], tmp_path / "ref", teacher=teacher,
+        copy.deepcopy(student), tokenizer, [expected], tmp_path / "ref", teacher=family.teacher,
         w_ce=0.0,
     )  # fmt: skip
     reference.train()
@@ -199,16 +270,14 @@ def test_step_equals_generate_alone_then_the_off_policy_step(models, tmp_path, a
     assert logged["completions/max_length"] == MAX_NEW  # TRL's own logs are kept
 
 
-def test_distill_none_leaves_trls_own_divergence(models, tmp_path):
+def test_distill_none_leaves_trls_own_divergence(family, tmp_path):
     """`--distill none`: the DistillationTrainer as TRL ships it (its JSD; no Switch-KD terms)."""
-    student, _, tokenizer = models
-    images = qwen.make_images(len(QUESTIONS), seed=4)
     trainer = switchkd_trainer_class(trl.DistillationTrainer)(
-        model=copy.deepcopy(student),
-        teacher_model=copy.deepcopy(models[1]),
+        model=copy.deepcopy(family.student),
+        teacher_model=copy.deepcopy(family.teacher),
         args=_config(tmp_path),
-        train_dataset=_dataset(images),
-        processing_class=_processor(tokenizer),
+        train_dataset=_dataset(family.images),
+        processing_class=family.processor(),
     )
     trainer.train()
     logged = trainer.state.log_history[0]
@@ -257,30 +326,20 @@ def test_completion_batch_packs_prompt_then_completion_right_padded():
     ],
 )
 def test_flags_this_host_does_not_take_are_refused_by_name(
-    models, tmp_path, switchkd, config, message
+    family, tmp_path, switchkd, config, message
 ):
-    student, teacher, tokenizer = models
-    dataset = _dataset(qwen.make_images(len(QUESTIONS)))
     with pytest.raises(ValueError, match=message):
-        _trainer(student, teacher, tokenizer, dataset, _config(tmp_path, **config), **switchkd)
+        _trainer(family, _config(tmp_path, **config), **switchkd)
 
 
-def test_right_padding_processor_is_refused_with_the_fix(models, tmp_path):
+def test_right_padding_processor_is_refused_with_the_fix(family, tmp_path):
     """TRL renders the prompts' image inputs with the processor's padding: on the right they
     would not line up with its left-padded prompt ids."""
-    student, teacher, tokenizer = models
-    dataset = _dataset(qwen.make_images(len(QUESTIONS)))
     with pytest.raises(ValueError, match=r"padding_side = 'left'"):
-        _trainer(
-            student, teacher, tokenizer, dataset, _config(tmp_path),
-            processor=_processor(tokenizer, padding_side="right"),
-        )  # fmt: skip
+        _trainer(family, _config(tmp_path), processor=family.processor(padding_side="right"))
 
 
-def test_tools_and_hand_built_classes_are_refused_by_name(models, tmp_path):
-    student, teacher, _ = models
-    dataset = _dataset(qwen.make_images(len(QUESTIONS)))
-
+def test_tools_and_hand_built_classes_are_refused_by_name(family, tmp_path):
     def tool(x: int) -> int:
         """Adds one.
 
@@ -291,20 +350,20 @@ def test_tools_and_hand_built_classes_are_refused_by_name(models, tmp_path):
 
     with pytest.raises(NotImplementedError, match=r"tools= .* not supported yet"):
         switchkd_trainer_class(trl.DistillationTrainer)(
-            model=student, teacher_model=teacher, args=_config(tmp_path), tools=[tool],
-            train_dataset=dataset,
+            model=family.student, teacher_model=family.teacher, args=_config(tmp_path),
+            tools=[tool], train_dataset=_dataset(family.images),
             switchkd_args=SwitchKDArguments(distill="switchkd", teacher_model_path="given"),
         )  # fmt: skip
     by_hand = type("ByHand", (SwitchKDTrainerMixin, trl.DistillationTrainer), {})
     with pytest.raises(NotImplementedError, match=r"switchkd_trainer_class\(trl\.Distillation"):
-        by_hand(model=student, args=_config(tmp_path))
+        by_hand(model=family.student, args=_config(tmp_path))
 
 
 @pytest.mark.parametrize("stage", [None, 3], ids=["ddp-2", "zero3-2"])
-def test_two_ranks_take_the_one_rank_step(models, tmp_path, stage):
+def test_two_ranks_take_the_one_rank_step(family, tmp_path, stage):
     """One prompt per rank (each generated alone, greedy), DDP or ZeRO-3 with the teacher
     sharded: the step of one rank on both prompts. TRL's count of the window's completion
-    tokens is over every rank already; counting it again would halve the step."""
+    tokens is over every rank already; counting it again would change the step."""
     import os
     import subprocess
     import sys
@@ -312,13 +371,11 @@ def test_two_ranks_take_the_one_rank_step(models, tmp_path, stage):
 
     from test_trainer_dp import HAS_DEEPSPEED, NO_SHM, OLD_ZERO3, _deepspeed_config
 
+    if family.name != "qwen2_5_vl":  # one family: the layouts do not depend on it (CI time)
+        pytest.skip("the 2-rank DistillationTrainer layouts run on Qwen2.5-VL only")
     if stage is not None and (not HAS_DEEPSPEED or OLD_ZERO3):
         pytest.skip("needs deepspeed with ZeRO-3 Switch-KD (pip install -e '.[deepspeed]')")
-    student, teacher, tokenizer = models
-    images = qwen.make_images(len(QUESTIONS), seed=4)
-    one = _trainer(
-        copy.deepcopy(student), teacher, tokenizer, _dataset(images), _config(tmp_path / "one")
-    )
+    one = _trainer(family, _config(tmp_path / "one"))
     one.train()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     config = ""
@@ -330,5 +387,5 @@ def test_two_ranks_take_the_one_rank_step(models, tmp_path, stage):
     result = subprocess.run([*launch, str(worker), str(tmp_path / "two"), config], env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    after = type(student).from_pretrained(tmp_path / "two").state_dict()
-    assert_same_step(after, one.model.state_dict(), student.state_dict())
+    after = type(family.student).from_pretrained(tmp_path / "two").state_dict()
+    assert_same_step(after, one.model.state_dict(), family.student.state_dict())

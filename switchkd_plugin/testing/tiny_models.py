@@ -265,6 +265,35 @@ def build_hf_llava(
     return model.float()
 
 
+# A Qwen-style chat template with LLaVA's image placeholder: what the LLaVA processor renders.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_llava_processor(
+    spec: TinyVLMSpec, tokenizer: transformers.PreTrainedTokenizerBase
+) -> transformers.LlavaProcessor:
+    """The processor of a ``build_hf_llava(spec, tokenizer, select_strategy="full")`` model:
+    SigLIP's image processor at ``spec.image_size``, one ``<image>`` token per patch, the chat
+    template ``LLAVA_CHAT_TEMPLATE`` (also set on ``tokenizer``)."""
+    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
+    size = {"height": spec.image_size, "width": spec.image_size}
+    return transformers.LlavaProcessor(
+        image_processor=transformers.SiglipImageProcessor(size=size),
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="full",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=0,
+    )
+
+
 def write_tinyllava_components(
     spec: TinyVLMSpec, tokenizer: transformers.PreTrainedTokenizerBase, workdir: str | os.PathLike
 ) -> tuple[Path, Path]:
