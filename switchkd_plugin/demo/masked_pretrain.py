@@ -16,12 +16,11 @@ import math
 from typing import Any
 
 import torch
-import transformers
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.demo.config import DemoConfig, MaskedPatchRecipe
+from switchkd_plugin.demo.encoder_training import train_encoder
 from switchkd_plugin.demo.hf_data import load_pixel_values
 from switchkd_plugin.demo.hosts import DemoHost
 from switchkd_plugin.demo.models import build_model
@@ -135,39 +134,22 @@ def pretrain_masked(
     description: str = "vision pretraining",
 ) -> nn.Linear:
     """Train ``model``'s vision encoder (in place) and a fresh linear patch decoder by
-    masked-patch reconstruction of ``images``: AdamW, 5% linear warm-up then cosine decay, no
-    weight decay. Returns the decoder."""
+    masked-patch reconstruction of ``images`` (``train_encoder``). Returns the decoder."""
     adapter = adapter_for(model)
-    vision = adapter.vision_module
     patches = _patch_count(model, images)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         decoder = nn.Linear(adapter.vision_output_width, images[0].numel() // patches)
         head = nn.Linear(adapter.vision_output_width, adapter.vision_output_width)
-    parameters = [*vision.parameters(), *decoder.parameters(), *head.parameters()]
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
-    scheduler = transformers.get_cosine_schedule_with_warmup(
-        optimizer, math.ceil(0.05 * steps), steps
-    )
-    vision.train()
-    order = torch.empty(0, dtype=torch.long)
-    bar = tqdm(range(steps), desc=description, dynamic_ncols=True)
-    for step in bar:
-        if len(order) < batch_size:  # a new epoch, shuffled with the seeded generator
-            order = torch.cat([order, torch.randperm(len(images), generator=generator)])
-        batch, order = order[:batch_size], order[batch_size:]
-        loss = pretraining_loss(adapter, decoder, head, images[batch], recipe, patches, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3g}")
-    bar.close()
-    vision.eval()
+    train_encoder(
+        adapter.vision_module, [decoder, head], len(images),
+        lambda batch: pretraining_loss(
+            adapter, decoder, head, images[batch], recipe, patches, generator
+        ),
+        steps=steps, learning_rate=learning_rate, batch_size=batch_size, generator=generator,
+        description=description,
+    )  # fmt: skip
     return decoder
 
 

@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from switchkd_plugin.adapters import adapter_for
 from switchkd_plugin.demo.cache import load_tensors, save_atomically
 from switchkd_plugin.demo.config import DemoConfig
 from switchkd_plugin.demo.data import DemoData
+from switchkd_plugin.demo.encoder_training import train_encoder
 from switchkd_plugin.demo.hf_data import load_pixel_values
 from switchkd_plugin.demo.hosts import DemoHost
 from switchkd_plugin.demo.masked_pretrain import masked_patch_state
@@ -138,40 +137,25 @@ def pretrain_vision(
     seed: int,
     description: str = "vision pretraining",
 ) -> CellProbe:
-    """Train ``model``'s vision encoder (in place) and a fresh ``CellProbe`` on ``labels``:
-    AdamW, 5% linear warm-up then cosine decay, no weight decay. Returns the probe."""
+    """Train ``model``'s vision encoder (in place) and a fresh ``CellProbe`` on ``labels``
+    (``train_encoder``). Returns the probe."""
     adapter = adapter_for(model)
-    vision = adapter.vision_module
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         probe = CellProbe(adapter.vision_output_width)
-    parameters = [*vision.parameters(), *probe.parameters()]
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
-    scheduler = transformers.get_cosine_schedule_with_warmup(
-        optimizer, math.ceil(0.05 * steps), steps
-    )
-    vision.train()
-    order = torch.empty(0, dtype=torch.long)
-    bar = tqdm(range(steps), desc=description, dynamic_ncols=True)
-    for step in bar:
-        if len(order) < batch_size:  # a new epoch, shuffled with the seeded generator
-            order = torch.cat([order, torch.randperm(len(labels), generator=generator)])
-        batch, order = order[:batch_size], order[batch_size:]
+
+    def batch_loss(batch: Tensor) -> Tensor:
         batch_labels = CellLabels(
             labels.pixel_values[batch], labels.shapes[batch], labels.colours[batch]
         )
-        loss = probe_loss(probe, adapter.encode_vision(batch_labels.pixel_values), batch_labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3g}")
-    bar.close()
-    vision.eval()
+        return probe_loss(probe, adapter.encode_vision(batch_labels.pixel_values), batch_labels)
+
+    train_encoder(
+        adapter.vision_module, [probe], len(labels), batch_loss, steps=steps,
+        learning_rate=learning_rate, batch_size=batch_size, generator=generator,
+        description=description,
+    )  # fmt: skip
     return probe
 
 
