@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch
 from test_trl_distillation import _config, _qwen_family, _trainer
 
+from switchkd_plugin.testing.ranks import leave_ranks
+
 
 def main(out: str, deepspeed: str) -> None:
     torch.set_num_threads(1)
@@ -31,10 +33,7 @@ def main(out: str, deepspeed: str) -> None:
     trainer = _trainer(family, config)
     trainer.train()
     trainer.save_model(out)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    leave_ranks()
 
 
 if __name__ == "__main__":

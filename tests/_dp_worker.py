@@ -27,6 +27,7 @@ from switchkd_plugin.testing import (
     teacher_spec,
 )
 from switchkd_plugin.testing.fsdp import fsdp_on_cpu
+from switchkd_plugin.testing.ranks import leave_ranks
 from switchkd_plugin.testing.trainer import InOrderTrainer, make_trainer, split_batch
 from switchkd_plugin.training.trainer import SwitchKDTrainer
 
@@ -217,15 +218,7 @@ def main(
     if trainer.args.process_index == 0:
         with open(os.path.join(out_dir, "log_history.json"), "w") as file:
             json.dump(trainer.state.log_history, file)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    # Interpreter teardown with DeepSpeed engines and gloo threads alive can abort ("terminate
-    # called without an active exception", seen once in ~10 CPU runs) after all the work is
-    # done and saved: leave without it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_ranks()
 
 
 if __name__ == "__main__":

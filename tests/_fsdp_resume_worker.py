@@ -27,6 +27,7 @@ from switchkd_plugin.testing import (
     teacher_spec,
 )
 from switchkd_plugin.testing.fsdp import fsdp_on_cpu
+from switchkd_plugin.testing.ranks import leave_ranks
 from switchkd_plugin.testing.trainer import make_trainer
 from switchkd_plugin.training.resume import SETTINGS_FILE
 from switchkd_plugin.training.trainer import SwitchKDTrainer
@@ -89,10 +90,7 @@ def main(out_dir: str, state_dict_type: str) -> None:
         }
         with open(os.path.join(out_dir, "result.json"), "w") as file:
             json.dump(result, file)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    leave_ranks()
 
 
 if __name__ == "__main__":

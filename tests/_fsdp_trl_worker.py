@@ -15,10 +15,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch
 
 from switchkd_plugin.testing import qwen_vl as qwen
 from switchkd_plugin.testing.fsdp import fsdp_on_cpu
+from switchkd_plugin.testing.ranks import leave_ranks
 from switchkd_plugin.training.fsdp import fully_sharded
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "distill_qwen2_5_vl.py"
@@ -35,10 +35,7 @@ def main(family: str, *argv: str) -> None:
     trainer = example.main(list(argv), processor)
     assert trainer.is_fsdp_enabled and fully_sharded(trainer.model), type(trainer.model)
     assert fully_sharded(trainer.teacher)  # --teacher_fsdp shard, the default
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    leave_ranks()
 
 
 if __name__ == "__main__":
