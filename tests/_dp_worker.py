@@ -28,7 +28,7 @@ from switchkd_plugin.testing import (
 )
 from switchkd_plugin.testing.fsdp import fsdp_on_cpu
 from switchkd_plugin.testing.ranks import leave_ranks
-from switchkd_plugin.testing.trainer import InOrderTrainer, make_trainer, split_batch
+from switchkd_plugin.testing.trainer import Batches, InOrderTrainer, make_trainer, split_batch
 from switchkd_plugin.training.trainer import SwitchKDTrainer
 
 
@@ -152,6 +152,7 @@ def main(
         "ddp_backend": "nccl" if on_gpu else "gloo",
         "use_cpu": not on_gpu,
         "max_steps": steps,
+        "per_device_eval_batch_size": 1,  # one pre-collated micro-batch per rank and step
     }
     if not find_unused:  # as the HF Trainer picks with gradient checkpointing on
         training["ddp_find_unused_parameters"] = False
@@ -214,6 +215,11 @@ def main(
         coordinator = trainer._teacher_engine.optimizer.get_param_coordinator()
         with open(os.path.join(out_dir, "teacher_trace.txt"), "w") as file:
             file.write("complete" if coordinator.is_complete_trace() else "not complete")
+    if os.environ.get("SWITCHKD_TEST_EVALUATE") == "1":  # after the step: the same weights
+        metrics = trainer.evaluate(eval_dataset=Batches(micro))  # one micro-batch per rank
+        if trainer.args.process_index == 0:
+            with open(os.path.join(out_dir, "eval_metrics.json"), "w") as file:
+                json.dump(metrics, file)
     trainer.save_model(out_dir)  # gathers ZeRO-3 shards on rank 0
     if trainer.args.process_index == 0:
         with open(os.path.join(out_dir, "log_history.json"), "w") as file:

@@ -63,12 +63,14 @@ def _run(
     fsdp: int | None = None,
     bf16: bool = False,
     lora: bool = False,
+    evaluate: bool = False,
 ) -> dict[str, torch.Tensor] | str:
     """The student's weights after one step of `_dp_worker.py` (`family`: hf_llava, qwen2_5_vl,
     qwen3_vl; `teacher`: --teacher_zero3, or --teacher_fsdp with `fsdp`=2, the Trainer's FSDP2
     set up on CPU ranks by `switchkd_plugin.testing.fsdp`; `bf16`: --bf16; `lora`: a LoRA
     student, its adapters returned; `text_only`: the second micro-batch has no image;
-    `onpolicy`: `--lmbda 1`, greedy responses; `find_unused` False: DDP's
+    `onpolicy`: `--lmbda 1`, greedy responses; `evaluate`: after the step, `evaluate()` on the
+    micro-batches (one per rank), its metrics in `eval_metrics.json`; `find_unused` False: DDP's
     find_unused_parameters off, the parameters the host never uses frozen); on DeepSpeed <
     0.15.4 under ZeRO-3, the run's output, which must hold the trainer's refusal."""
     layout = f"fsdp{fsdp}" if fsdp else f"zero{stage}"
@@ -85,6 +87,7 @@ def _run(
     env["SWITCHKD_TEST_FSDP"] = "" if fsdp is None else str(fsdp)
     env["SWITCHKD_TEST_BF16"] = str(int(bf16))
     env["SWITCHKD_TEST_LORA"] = str(int(lora))
+    env["SWITCHKD_TEST_EVALUATE"] = str(int(evaluate))
     if stage is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(NO_SHM), os.environ.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -107,7 +110,26 @@ def _run(
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
-    return _run(tmp_path_factory.mktemp("reference"), 1, None)
+    return _run(tmp_path_factory.mktemp("reference"), 1, None, evaluate=True)
+
+
+@pytest.fixture(scope="module")
+def reference_eval(reference, tmp_path_factory) -> dict[str, float]:
+    """The reference run's evaluation metrics (after its step)."""
+    root = tmp_path_factory.getbasetemp()
+    return json.loads(next(root.glob("reference*/1-ranks-*/eval_metrics.json")).read_text())
+
+
+def _assert_same_evaluation(tmp_path: Path, expected: dict[str, float]) -> None:
+    """A layout's `evaluate()` after the step reports the 1-rank metrics: token-weighted term
+    means summed over the ranks, the rank without response tokens included."""
+    got = json.loads(next(tmp_path.glob("**/eval_metrics.json")).read_text())
+    # The divergences are small differences of per-token log-probabilities of the size of the
+    # CE: float32 rounding there is relative to the CE, not to the divergence itself.
+    scale = 1e-5 * abs(expected["eval_ce"])
+    for name in ("eval_loss", "eval_ce", "eval_align", "eval_vsd", "eval_distilled_tokens"):
+        close = pytest.approx(expected[name], rel=1e-5, abs=scale)
+        assert got[name] == close, (name, got[name], expected[name])
 
 
 @pytest.mark.parametrize(
@@ -116,17 +138,21 @@ def reference(tmp_path_factory) -> dict[str, torch.Tensor]:
      (2, 3, "replicate")],
     ids=["ddp-2", "zero2-1", "zero2-2", "zero3-1", "zero3-2", "zero3-2-replicated-teacher"],
 )  # fmt: skip
-def test_layouts_take_the_same_step(tmp_path, reference, processes, stage, teacher_zero3):
+def test_layouts_take_the_same_step(
+    tmp_path, reference, reference_eval, processes, stage, teacher_zero3
+):
     """The first micro-batch has no response token (untied lm_head): the rank that takes it
     still calls every lm_head and runs the switch pass, as the other does (DDP and ZeRO-2
     reduce every parameter's gradient, ZeRO-3 gathers collectively; skipping them deadlocks or
-    fails the run), and the two ranks need different numbers of lm_head chunks."""
+    fails the run), and the two ranks need different numbers of lm_head chunks. Evaluating
+    afterwards gives the 1-rank metrics."""
     if stage is not None and not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed (pip install -e '.[deepspeed]')")
-    after = _run(tmp_path, processes, stage, teacher=teacher_zero3)
+    after = _run(tmp_path, processes, stage, teacher=teacher_zero3, evaluate=True)
     if isinstance(after, str):
         pytest.skip(f"deepspeed {version('deepspeed')}: ZeRO-3 Switch-KD refused, as it must be")
     assert_same_step(after, reference, _initial_weights())
+    _assert_same_evaluation(tmp_path, reference_eval)
 
 
 def _initial_weights(family: str = "hf_llava") -> dict[str, torch.Tensor]:
@@ -272,23 +298,26 @@ FSDP2_LAYOUTS = {  # id: (family, --teacher_fsdp, per-layer teacher checkpointin
 
 @needs_fsdp2_trainer
 @pytest.mark.parametrize("layout", sorted(FSDP2_LAYOUTS))
-def test_fsdp2_takes_the_one_rank_step(tmp_path, reference, layout):
+def test_fsdp2_takes_the_one_rank_step(tmp_path, reference, reference_eval, layout):
     """2 ranks under FSDP2 take the step of 1 rank accumulating both micro-batches. The first
     micro-batch has no response token (untied lm_head, chunks of 16 rows): the rank that takes
     it still runs every FSDP unit the other runs (each gathers collectively), the ranks agree
     on the number of lm_head chunks, and the student's lm_head is gathered once for them all.
     Text-only rank: its micro-batch has no image, so both models' vision blocks run on a
-    placeholder image (weight 0), as the other rank's do on its images."""
+    placeholder image (weight 0), as the other rank's do on its images. Evaluating afterwards
+    (the sharded models in eval mode) gives the 1-rank metrics."""
     family, teacher, checkpointing, text_only = FSDP2_LAYOUTS[layout]
     if family != "hf_llava" and not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
         pytest.skip(f"transformers {transformers.__version__} has no Qwen2.5-VL")
-    options = dict(family=family, text_only=text_only)
-    expected = reference
-    if options != dict(family="hf_llava", text_only=False):
+    options = dict(family=family, text_only=text_only, evaluate=True)
+    expected, expected_eval = reference, reference_eval
+    if options != dict(family="hf_llava", text_only=False, evaluate=True):
         expected = _run(tmp_path / "one", 1, None, **options)
+        expected_eval = json.loads(next((tmp_path / "one").glob("*/eval_metrics.json")).read_text())
     after = _run(tmp_path / "two", 2, None, fsdp=2, teacher=teacher,
                  teacher_checkpointing=checkpointing, **options)  # fmt: skip
     assert_same_step(after, expected, _initial_weights(family))
+    _assert_same_evaluation(tmp_path / "two", expected_eval)
 
 
 @needs_fsdp2_trainer
