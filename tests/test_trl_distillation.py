@@ -76,12 +76,20 @@ def _turn(question: str, image: str) -> str:
     return f"<|im_start|>user\n{image}{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def _text_inputs(tokenizer, question: str) -> dict:
+    """A text-only prompt: its tokens and attention mask, no image inputs."""
+    ids = torch.tensor([tokenizer(_turn(question, "")).input_ids])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 def _qwen_family() -> Family:
     tokenizer = qwen.build_qwen_vl_tokenizer()
     image_processor = qwen.build_image_processor()
     image_id = tokenizer.convert_tokens_to_ids(qwen.IMAGE_PAD)
 
     def prompt_inputs(question: str, image) -> dict:
+        if image is None:
+            return _text_inputs(tokenizer, question)
         placeholder = qwen.VISION_START + qwen.IMAGE_PAD * 16 + qwen.VISION_END  # 2x2-merged
         ids = torch.tensor([tokenizer(_turn(question, placeholder)).input_ids])
         pixels = image_processor([image], return_tensors="pt")
@@ -111,6 +119,8 @@ def _llava_family() -> Family:
     )
 
     def prompt_inputs(question: str, image) -> dict:
+        if image is None:
+            return _text_inputs(tokenizer, question)
         ids = torch.tensor([tokenizer(_turn(question, IMAGE_TOKEN * spec.num_patches)).input_ids])
         pixels = image_processor([image], return_tensors="pt")["pixel_values"]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
@@ -139,11 +149,12 @@ def family(request) -> Family:
 # ----------------------------------------------------------------------------- reference
 
 
-def _generated_alone(family: Family, eos: list[int]) -> list[dict]:
-    """Each sample's prompt inputs (rendered by hand) and greedy response, generated alone."""
+def _generated_alone(family: Family, eos: list[int], images: list) -> list[dict]:
+    """Each sample's prompt inputs (rendered by hand; `images[i]` None: text only) and greedy
+    response, generated alone."""
     model = copy.deepcopy(family.student).eval()
     samples = []
-    for question, image in zip(QUESTIONS, family.images, strict=True):
+    for question, image in zip(QUESTIONS, images, strict=True):
         inputs = family.prompt_inputs(question, image)
         with torch.no_grad():
             out = model.generate(
@@ -184,12 +195,15 @@ def _by_hand(samples: list[dict], pad: int) -> dict:
 # ----------------------------------------------------------------------------- fixtures
 
 
-def _dataset(images) -> datasets.Dataset:
-    """TRL's prompt-only vision format: a conversational `prompt` and its `images`."""
+def _dataset(images: list | None) -> datasets.Dataset:
+    """TRL's prompt-only vision format: a conversational `prompt` and its `images`; text-only
+    prompts (no `images` column) with `images` None."""
+    image_part = [] if images is None else [{"type": "image"}]
     prompts = [
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
-        for q in QUESTIONS
+        [{"role": "user", "content": [*image_part, {"type": "text", "text": q}]}] for q in QUESTIONS
     ]
+    if images is None:
+        return datasets.Dataset.from_dict({"prompt": prompts})
     return datasets.Dataset.from_dict({"prompt": prompts, "images": [[i] for i in images]})
 
 
@@ -206,13 +220,14 @@ def _config(output_dir, **overrides) -> trl.DistillationConfig:
     return trl.DistillationConfig(**options)
 
 
-def _trainer(family: Family, config, processor=None, student=None, **switchkd):
-    """Switch-KD on TRL's DistillationTrainer: `student` (default: a copy of the family's)."""
+def _trainer(family: Family, config, processor=None, student=None, text_only=False, **switchkd):
+    """Switch-KD on TRL's DistillationTrainer: `student` (default: a copy of the family's), on
+    the family's image prompts or `text_only` ones."""
     return switchkd_trainer_class(trl.DistillationTrainer)(
         model=student if student is not None else copy.deepcopy(family.student),
         teacher_model=family.teacher,
         args=config,
-        train_dataset=_dataset(family.images),
+        train_dataset=_dataset(None if text_only else family.images),
         processing_class=processor or family.processor(),
         teacher_tokenizer=family.tokenizer,
         switchkd_args=SwitchKDArguments(
@@ -224,7 +239,7 @@ def _trainer(family: Family, config, processor=None, student=None, **switchkd):
 def _eos_ending_sample_0_early(family: Family) -> int:
     """A token sample 0's greedy response reaches before `MAX_NEW` and sample 1's never
     contains: as an EOS, sample 0 stops there and sample 1 runs to `max_completion_length`."""
-    free = _generated_alone(family, eos=[family.tokenizer.eos_token_id])
+    free = _generated_alone(family, [family.tokenizer.eos_token_id], family.images)
     first, other = free[0]["response"], set(free[1]["response"])
     for position, token in enumerate(first[: MAX_NEW - 1]):
         if token not in first[:position] and token not in other:
@@ -235,21 +250,30 @@ def _eos_ending_sample_0_early(family: Family) -> int:
 # ----------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("accumulation", [1, 2], ids=["batch2", "2x1_accumulated"])
-def test_step_equals_generate_alone_then_the_off_policy_step(family, tmp_path, accumulation):
+@pytest.mark.parametrize(
+    ("accumulation", "text_only"),
+    [(1, False), (2, False), (1, True)],
+    ids=["batch2", "2x1_accumulated", "text_only_prompts"],
+)
+def test_step_equals_generate_alone_then_the_off_policy_step(
+    family, tmp_path, accumulation, text_only
+):
     """Greedy: TRL's generation (prompts left-padded together) + the repacked batch + Switch-KD
     equals generating each prompt alone and taking the off-policy step with `w_ce` 0 on the
     batch built by hand. Sample 0 stops at an EOS (kept, supervised), sample 1 runs to
     `max_completion_length`. Accumulating two micro-batches of one takes the same step (TRL's
-    count of the window's completion tokens normalises both)."""
+    count of the window's completion tokens normalises both). Text-only prompts (no images in
+    the dataset): the text-only step, no visual-switch rows."""
     student, tokenizer = copy.deepcopy(family.student), family.tokenizer
     stop = _eos_ending_sample_0_early(family)
     student.generation_config.eos_token_id = stop  # TRL adds the tokenizer's own EOS
+    images = [None] * len(QUESTIONS) if text_only else family.images
     samples = _generated_alone(
-        dataclasses.replace(family, student=student), [tokenizer.eos_token_id, stop]
+        dataclasses.replace(family, student=student), [tokenizer.eos_token_id, stop], images
     )
-    assert samples[0]["response"][-1] == stop and len(samples[0]["response"]) < MAX_NEW
-    assert len(samples[1]["response"]) == MAX_NEW
+    if not text_only:  # the EOS was chosen on the image prompts' responses
+        assert samples[0]["response"][-1] == stop and len(samples[0]["response"]) < MAX_NEW
+        assert len(samples[1]["response"]) == MAX_NEW
     expected = _by_hand(samples, tokenizer.pad_token_id)
 
     config = _config(
@@ -257,7 +281,7 @@ def test_step_equals_generate_alone_then_the_off_policy_step(family, tmp_path, a
         per_device_train_batch_size=2 // accumulation,
         gradient_accumulation_steps=accumulation,
     )
-    trainer = _trainer(family, config, student=copy.deepcopy(student))
+    trainer = _trainer(family, config, student=copy.deepcopy(student), text_only=text_only)
     trainer.train()
     reference = make_trainer(
         copy.deepcopy(student), tokenizer, [expected], tmp_path / "ref", teacher=family.teacher,
@@ -267,7 +291,8 @@ def test_step_equals_generate_alone_then_the_off_policy_step(family, tmp_path, a
     assert_same_step(trainer.model.state_dict(), reference.model.state_dict(), student.state_dict())
     logged = next(entry for entry in trainer.state.log_history if "total" in entry)
     assert logged["total"] == pytest.approx(reference.state.log_history[0]["total"], rel=1e-5)
-    assert logged["completions/max_length"] == MAX_NEW  # TRL's own logs are kept
+    assert logged["completions/max_length"] == max(len(s["response"]) for s in samples)
+    assert logged["vsd_tokens"] == (0 if text_only else logged["distilled_tokens"])
 
 
 def test_distill_none_leaves_trls_own_divergence(family, tmp_path):
