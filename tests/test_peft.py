@@ -123,6 +123,15 @@ def test_peft_config_with_a_peft_model_is_refused(hf_student, hf_teacher, tiny_t
                  peft_config=_lora_config())  # fmt: skip
 
 
+def test_peft_config_with_a_model_id_is_refused_naming_the_fix(tmp_path):
+    """TRL's trainers take a model id and load it themselves; the adapters must wrap the
+    student before the Trainer sees it."""
+    from switchkd_plugin import SwitchKDTrainer
+
+    with pytest.raises(ValueError, match=r"model='Qwen/x'.*load the model first"):
+        SwitchKDTrainer(model="Qwen/x", peft_config=_lora_config())
+
+
 def test_hf_lora_teacher_directory_loads_merged(hf_student, hf_teacher, tiny_tokenizer, tmp_path):
     """A PEFT adapter directory over a saved base model: --teacher_model_path loads it merged,
     W + s*B@A, and the trainer finds the tokenizer beside the base."""

@@ -16,6 +16,11 @@ def with_peft_student(args: tuple, kwargs: dict, peft_config) -> tuple[tuple, di
     model = args[0] if args else kwargs.get("model")
     if model is None:
         raise ValueError("peft_config= needs the student model (model=) to wrap")
+    if isinstance(model, str):  # TRL's trainers take a model id and load it themselves
+        raise ValueError(
+            f"peft_config= with model={model!r}: Switch-KD wraps the student before the Trainer "
+            "sees it, so load the model first (e.g. with from_pretrained) and pass the object"
+        )
     if isinstance(model, peft.PeftModel):
         raise ValueError(
             "the student is already a PeftModel: pass either the PeftModel or peft_config=, "
