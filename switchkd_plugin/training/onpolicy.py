@@ -43,13 +43,15 @@ REFUSED_KEYS = ("position_ids", "cache_position")
 class GenerationSettings:
     """How responses are generated (`--max_new_tokens`, `--generation_temperature`, `--top_p`).
 
-    `eos_token_ids` end a response (kept as its last token); `pad_token_id` pads."""
+    `eos_token_ids` end a response (kept as its last token); `pad_token_id` pads;
+    `suppressed_token_ids` are never generated."""
 
     max_new_tokens: int
     temperature: float
     top_p: float
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
+    suppressed_token_ids: tuple[int, ...] = ()
 
     def generate_kwargs(self) -> dict:
         sampling = self.temperature > 0
@@ -59,6 +61,8 @@ class GenerationSettings:
             eos_token_id=list(self.eos_token_ids),
             pad_token_id=self.pad_token_id,
         )
+        if self.suppressed_token_ids:
+            kwargs["suppress_tokens"] = list(self.suppressed_token_ids)
         if sampling:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
         else:  # the model's generation_config may set sampling values greedy decoding ignores
@@ -68,7 +72,9 @@ class GenerationSettings:
 
 def generation_settings(args, model: nn.Module, tokenizer) -> GenerationSettings:
     """From the run's `SwitchKDArguments` `args`; EOS from the student's `generation_config`,
-    else its tokenizer's; padding with the tokenizer's pad token, else EOS."""
+    else its tokenizer's; padding with the tokenizer's pad token, else EOS. The image
+    placeholder is suppressed where it is a vocabulary id (HF LLaVA, Qwen-VL): a sampled one
+    would ask the rebuilt batch for an image it does not have."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
     config = getattr(model, "generation_config", None)
     eos = getattr(config, "eos_token_id", None)
@@ -81,9 +87,10 @@ def generation_settings(args, model: nn.Module, tokenizer) -> GenerationSettings
         )
     eos = (eos,) if isinstance(eos, int) else tuple(eos)
     pad = getattr(tokenizer, "pad_token_id", None)
+    image = adapter_for(model).image_token_id  # TinyLLaVA's is -200: no vocabulary id
     return GenerationSettings(
         args.max_new_tokens, args.generation_temperature, args.top_p, eos,
-        eos[0] if pad is None else pad,
+        eos[0] if pad is None else pad, (image,) if image >= 0 else (),
     )  # fmt: skip
 
 
