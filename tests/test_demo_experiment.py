@@ -18,7 +18,7 @@ from switchkd_plugin.demo.evaluation import OVERALL
 from switchkd_plugin.demo.experiment import replicate
 from switchkd_plugin.demo.report import paired_gain, results_markdown, student_t_quantile
 from switchkd_plugin.demo.shapes import QUESTION_TYPES, ShapesTaskConfig
-from switchkd_plugin.demo.students import StudentRun
+from switchkd_plugin.demo.students import StudentRun, switchkd_arguments
 from switchkd_plugin.demo.training import BestCheckpoint
 
 COLUMNS = (*QUESTION_TYPES, OVERALL)
@@ -175,6 +175,44 @@ def test_replicate_with_early_stopping_writes_every_output_and_resumes(tmp_path,
 
     assert capsys.readouterr().out.count("reusing") == 2 + 4  # vision, teacher, four runs
     assert again == runs and (out / "results.md").read_text() == first_table
+
+
+def test_the_onpolicy_variant_is_switchkd_with_half_its_batches_on_policy() -> None:
+    onpolicy = switchkd_arguments("switchkd_onpolicy", max_new_tokens=3)
+    assert (onpolicy.lmbda, onpolicy.max_new_tokens, onpolicy.generation_temperature) == (
+        0.5,
+        3,
+        1.0,
+    )
+    assert dataclasses.replace(onpolicy, lmbda=0.0) == switchkd_arguments("switchkd", 3)
+
+
+def test_adding_the_onpolicy_variant_reuses_every_finished_run_and_trains_it_on_policy(
+    tmp_path, capsys
+) -> None:
+    """The variant enters no cache key: a replication it joins reuses the vision encoder, the
+    teacher and the other variants' runs; its students log on-policy micro-batches."""
+    pytest.importorskip("matplotlib", reason="the plots need the demo extra: .[demo]")
+    config = dataclasses.replace(
+        SMOKE_CONFIG,
+        host="hf_llava",
+        task=ShapesTaskConfig(num_train=64, num_val=16, num_test=24, seed=2, object_fraction=0.85),
+        vision_schedule=TrainSchedule(steps=3, learning_rate=1e-3, batch_size=16),
+        teacher_schedule=TrainSchedule(steps=3, learning_rate=1e-3, batch_size=4),
+        student_schedule=TrainSchedule(steps=6, learning_rate=1e-3, batch_size=4, logging_steps=2),
+    )
+    before = replicate(config, tmp_path / "cache", tmp_path / "out", seeds=2, variants=["sft"])
+    capsys.readouterr()
+
+    runs = replicate(
+        config, tmp_path / "cache", tmp_path / "out", seeds=2, variants=["sft", "switchkd_onpolicy"]
+    )
+
+    assert capsys.readouterr().out.count("reusing") == 2 + 2  # vision, teacher, both sft runs
+    assert [run for run in runs if run.variant == "sft"] == before
+    for run in runs[1::2]:
+        onpolicy = sum(entry["onpolicy_batches"] for entry in run.log)
+        assert 0 < onpolicy < 6 and all("vsd" in entry for entry in run.log)
 
 
 def test_replicate_rejects_unknown_variants(tmp_path) -> None:

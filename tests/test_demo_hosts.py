@@ -33,6 +33,7 @@ from switchkd_plugin.demo.shapes import (
     ShapesTaskConfig,
     write_llava_dataset,
 )
+from switchkd_plugin.demo.students import train_student
 from switchkd_plugin.integrations.tinyllava.compat import factory_import_error
 from switchkd_plugin.testing import (
     FACTORY_IMAGE_TOKEN_INDEX,
@@ -276,3 +277,19 @@ def test_demo_runs_end_to_end_on_the_factory(
     # The cached teacher is rebuilt and loaded strictly.
     assert isinstance(prepare(config, tmp_path).host, TinyLlavaHost)
     assert "reusing the cached one" in capsys.readouterr().out
+
+
+def test_the_onpolicy_variant_trains_on_the_factory(host: TinyLlavaHost, tmp_path: Path) -> None:
+    """The Factory's collator right-pads (as on-policy batches need) and ``LLaVATrainer``
+    generates with the Factory's model: the variant trains and logs its on-policy batches."""
+    config = dataclasses.replace(
+        SMOKE_CONFIG,
+        host="tinyllava",
+        task=dataclasses.replace(SMALL, num_train=48, num_test=32),
+        vision_schedule=TrainSchedule(steps=2, learning_rate=1e-3, batch_size=16),
+        teacher_schedule=TrainSchedule(steps=2, learning_rate=1e-3, batch_size=8),
+        student_schedule=TrainSchedule(steps=6, learning_rate=1e-3, batch_size=8, logging_steps=2),
+    )
+    trained = train_student(prepare(config, tmp_path), "switchkd_onpolicy", seed=0)
+    onpolicy = sum(entry["onpolicy_batches"] for entry in trained.log)
+    assert 0 < onpolicy < 6 and all("vsd" in entry for entry in trained.log)

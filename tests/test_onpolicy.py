@@ -221,6 +221,26 @@ def test_a_batch_drawn_off_policy_trains_exactly_as_without_the_flag(
     assert [entry["onpolicy_batches"] for entry in logged] == [0, 0]
 
 
+def test_the_image_placeholder_is_never_generated(hf_student, hf_teacher, tiny_tokenizer, tmp_path):
+    """A student that prefers HF LLaVA's image token above all others still never generates
+    it: one in a response would ask the rebuilt batch for an image it does not have."""
+    student = copy.deepcopy(hf_student)
+    image = _image_token(student)
+
+    def favour_the_image_token(module, inputs, logits):
+        bonus = torch.zeros_like(logits)
+        bonus[..., image] = 100.0
+        return logits + bonus
+
+    student.get_output_embeddings().register_forward_hook(favour_the_image_token)
+    batch = make_host_batch(student, tiny_tokenizer, n=2, seed=5)
+    trainer = make_trainer(student, tiny_tokenizer, [batch], tmp_path, teacher=hf_teacher, **GREEDY)
+    rebuilt = trainer._onpolicy(batch)
+    responses = rebuilt["labels"][rebuilt["labels"] != IGNORE_INDEX]
+    assert len(responses) > 0 and image not in responses.tolist()
+    trainer.train()  # the rebuilt batch trains
+
+
 def test_resumed_onpolicy_run_generates_and_trains_as_the_uninterrupted_one(
     hf_student, hf_teacher, tiny_tokenizer, tmp_path
 ):

@@ -36,7 +36,10 @@ class StudentVariant:
 
 _NO_DISTILLATION = {"w_align": 0.0, "w_vsd": 0.0}
 # Same init, data, steps and optimizer for all. ``sft_frozen_vision`` is a control: what keeping
-# the shared vision encoder fixed gives without any teacher.
+# the shared vision encoder fixed gives without any teacher. ``switchkd_onpolicy`` is Switch-KD
+# with GKD's default mix (lmbda 0.5): half the micro-batches on the student's own answers,
+# sampled at temperature 1, the other half keeping CE on the dataset's answers as every other
+# variant does, at half the generation cost of a fully on-policy run.
 VARIANTS: dict[str, StudentVariant] = {
     "sft": StudentVariant(_NO_DISTILLATION),
     "fkl": StudentVariant({"align_loss": "fkl", "w_vsd": 0.0}),
@@ -45,14 +48,19 @@ VARIANTS: dict[str, StudentVariant] = {
     "switchkd": StudentVariant(),
     "vsd_only": StudentVariant({"w_align": 0.0}),
     "sft_frozen_vision": StudentVariant(_NO_DISTILLATION, freeze_vision=True),
+    "switchkd_onpolicy": StudentVariant({"lmbda": 0.5}),
 }
 
 
-def switchkd_arguments(variant: str) -> SwitchKDArguments:
+def switchkd_arguments(variant: str, max_new_tokens: int) -> SwitchKDArguments:
     """The ``SwitchKDArguments`` of a student variant (``VARIANTS``); the teacher is passed as an
-    object, so no path is needed."""
+    object, so no path is needed. ``max_new_tokens``: the most tokens an on-policy variant
+    generates per answer."""
     arguments = SwitchKDArguments(
-        distill="switchkd", teacher_model_path="in-memory-teacher", **VARIANTS[variant].switchkd
+        distill="switchkd",
+        teacher_model_path="in-memory-teacher",
+        max_new_tokens=max_new_tokens,
+        **VARIANTS[variant].switchkd,
     )
     if arguments.needs_teacher:
         return arguments
@@ -132,7 +140,8 @@ def train_student(context: DemoContext, variant: str, seed: int) -> TrainedStude
     student = initial_student(context, seed)
     if VARIANTS[variant].freeze_vision:
         adapter_for(student).vision_module.requires_grad_(False)
-    switchkd = switchkd_arguments(variant)
+    # On-policy answers get as many tokens as the evaluation's: the longest answer and its EOS.
+    switchkd = switchkd_arguments(variant, context.max_new_tokens)
     rule = context.config.early_stopping
     stopper = None
     if rule is not None:

@@ -43,15 +43,16 @@ REFUSED_KEYS = ("position_ids", "cache_position")
 class GenerationSettings:
     """How responses are generated (`--max_new_tokens`, `--generation_temperature`, `--top_p`).
 
-    `eos_token_ids` end a response (kept as its last token); `pad_token_id` pads; `synced`:
-    every rank runs a forward per new token until all are done (sharded models under FSDP2,
-    whose forwards all-gather: ranks stopping at different lengths would otherwise hang)."""
+    `eos_token_ids` end a response (kept as its last token); `pad_token_id` pads;
+    `suppressed_token_ids` are never generated; `synced`: every rank runs a forward per new
+    token until all are done (sharded models under FSDP2, whose forwards all-gather)."""
 
     max_new_tokens: int
     temperature: float
     top_p: float
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
+    suppressed_token_ids: tuple[int, ...] = ()
     synced: bool = False
 
     def generate_kwargs(self) -> dict:
@@ -62,6 +63,8 @@ class GenerationSettings:
             eos_token_id=list(self.eos_token_ids),
             pad_token_id=self.pad_token_id,
         )
+        if self.suppressed_token_ids:
+            kwargs["suppress_tokens"] = list(self.suppressed_token_ids)
         if self.synced:
             kwargs["synced_gpus"] = True
         if sampling:
@@ -75,7 +78,9 @@ def generation_settings(
     args, model: nn.Module, tokenizer, synced: bool = False
 ) -> GenerationSettings:
     """From the run's `SwitchKDArguments` `args`; EOS from the student's `generation_config`,
-    else its tokenizer's; padding with the tokenizer's pad token, else EOS; `synced` as
+    else its tokenizer's; padding with the tokenizer's pad token, else EOS. The image
+    placeholder is suppressed where it is a vocabulary id (HF LLaVA, Qwen-VL): a sampled one
+    would ask the rebuilt batch for an image it does not have. `synced` as
     `GenerationSettings` has it."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
     config = getattr(model, "generation_config", None)
@@ -89,9 +94,10 @@ def generation_settings(
         )
     eos = (eos,) if isinstance(eos, int) else tuple(eos)
     pad = getattr(tokenizer, "pad_token_id", None)
+    image = adapter_for(model).image_token_id  # TinyLLaVA's is -200: no vocabulary id
     return GenerationSettings(
         args.max_new_tokens, args.generation_temperature, args.top_p, eos,
-        eos[0] if pad is None else pad, synced,
+        eos[0] if pad is None else pad, (image,) if image >= 0 else (), synced,
     )  # fmt: skip
 
 
