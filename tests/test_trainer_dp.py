@@ -160,6 +160,12 @@ def _initial_weights(family: str = "hf_llava") -> dict[str, torch.Tensor]:
 
     if family == "hf_llava":
         return build_hf_llava(student_spec(), build_tokenizer()).state_dict()
+    from switchkd_plugin.testing import families, teacher_spec
+
+    if family in families.FAMILIES:  # as _dp_worker builds them: the teacher's vision depth
+        spec = student_spec(vision_layers=teacher_spec().vision_layers)
+        tokenizer = families.build_family_tokenizer(family)
+        return families.build_family_model(family, spec, tokenizer).state_dict()
     tokenizer = qwen_vl.build_qwen_vl_tokenizer()
     return qwen_vl.build_qwen_vl(family, student_spec(), tokenizer).state_dict()
 
@@ -182,6 +188,12 @@ TEXT_ONLY_LAYOUTS = {  # id: (family, DeepSpeed stage, DDP's find_unused_paramet
     "ddp-no-unused": ("hf_llava", None, False),
     "zero3": ("hf_llava", 3, True),
     "zero3-qwen2_5_vl": ("qwen2_5_vl", 3, True),
+    # Each family's own image path (packing, pixel shuffle, token types) on the rank with images
+    # against the placeholder on the text-only one: the same parameter reads and gathers.
+    "zero3-gemma3": ("gemma3", 3, True),
+    "zero3-internvl": ("internvl", 3, True),
+    "zero3-llava_onevision": ("llava_onevision", 3, True),
+    "zero3-smolvlm": ("smolvlm", 3, True),
 }
 
 
@@ -199,6 +211,10 @@ def test_a_text_only_rank_takes_the_one_rank_step(tmp_path, layout):
         pytest.skip("needs deepspeed >= 0.15.4 (pip install -e '.[deepspeed]')")
     if family != "hf_llava" and not hasattr(transformers, "Qwen2_5_VLForConditionalGeneration"):
         pytest.skip(f"transformers {transformers.__version__} has no Qwen2.5-VL")
+    from switchkd_plugin.testing.families import FAMILIES, family_skip_reason
+
+    if family in FAMILIES and (reason := family_skip_reason(family)):
+        pytest.skip(reason)
     options = dict(family=family, text_only=True, find_unused=find_unused)
     reference = _run(tmp_path / "one", 1, None, **options)
     after = _run(tmp_path / "two", 2, stage, **options)

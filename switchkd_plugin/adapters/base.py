@@ -246,8 +246,13 @@ class VLMAdapter(ABC):
 
     def _blank(self, *shape: int) -> Tensor:
         """Zeros of ``shape`` on the vision encoder's device, in its dtype."""
-        weight = next(self.vision_module.parameters())
-        return torch.zeros(shape, device=weight.device, dtype=weight.dtype)
+        return torch.zeros(shape, **placement(self.vision_module))
+
+    def placeholder_embeds(self, image_embeds: ImageEmbeds) -> Any:
+        """What this model makes of a placeholder image's connector output before splicing it
+        (the engine adds it to a text-only pathway times 0, on several ranks: backward then
+        reaches every parameter an image's would). By default the output itself."""
+        return image_embeds
 
     def pathway_inputs(self, batch: dict, image_embeds: ImageEmbeds | None) -> MultimodalInputs:
         """The decoder inputs of one pathway: this model's text embeddings of the batch with
@@ -368,6 +373,15 @@ class VLMAdapter(ABC):
         if switch_point == "vision":
             names += self.vision_switch_config_fields
         return {name: _as_plain(_config_value(self.model.config, name)) for name in names}
+
+
+def placement(module: nn.Module) -> dict[str, Any]:
+    """``device`` and ``dtype`` of ``module``'s first parameter, for ``Tensor.to``. Read from
+    ``parameters()``, never as ``module.weight``: under ZeRO-3 that attribute, read during a
+    forward, all-gathers the weight on the ranks that reach the line only (a collective the
+    others do not make when their batch takes another path, e.g. one without images)."""
+    weight = next(module.parameters())
+    return {"device": weight.device, "dtype": weight.dtype}
 
 
 def _config_value(config: Any, dotted_name: str) -> Any:

@@ -26,7 +26,7 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from switchkd_plugin.adapters.base import MultimodalInputs, SpliceRules, VLMAdapter
+from switchkd_plugin.adapters.base import MultimodalInputs, SpliceRules, VLMAdapter, placement
 from switchkd_plugin.adapters.splice import (
     infer_padding_side,
     placeholder_spans,
@@ -123,10 +123,9 @@ class ScatteredImageTokensAdapter(TransformersVLMAdapter):
     ) -> list[Tensor]:
         """Flat image embeddings ([N, P, H] or tensors [P_i, H], in the host's order) cut into
         one tensor per run of image tokens, cast to this LM's dtype and device."""
-        weight = self.input_embeddings.weight
         parts = [image_embeds] if isinstance(image_embeds, Tensor) else list(image_embeds)
         flat = torch.cat([part.reshape(-1, part.shape[-1]) for part in parts])
-        flat = flat.to(device=weight.device, dtype=weight.dtype)
+        flat = flat.to(**placement(self.input_embeddings))
         runs = self.image_runs(batch)
         if sum(runs) != flat.shape[0]:
             raise ValueError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from switchkd_plugin.adapters.base import placement
 from switchkd_plugin.adapters.hf_family import ScatteredImageTokensAdapter
 
 
@@ -70,8 +71,7 @@ class InternVLAdapter(ScatteredImageTokensAdapter):
 
     def project(self, features: Tensor) -> Tensor:
         """[N, P, Dv] -> pixel shuffle [N, P / 4, 4 Dv] -> projector [N, P / 4, H]."""
-        weight = self.connector.linear_1.weight
-        features = features.to(device=weight.device, dtype=weight.dtype)
+        features = features.to(**placement(self.connector))
         crops, tokens, _ = features.shape
         side = int(tokens**0.5)
         grid = features.reshape(crops, side, side, -1)

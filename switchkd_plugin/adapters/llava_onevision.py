@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from switchkd_plugin.adapters.base import MultimodalInputs
+from switchkd_plugin.adapters.base import MultimodalInputs, placement
 from switchkd_plugin.adapters.hf_family import ScatteredImageTokensAdapter
 from switchkd_plugin.adapters.hf_llava import LlavaVisionFeatures
 
@@ -109,8 +109,16 @@ class LlavaOnevisionAdapter(LlavaVisionFeatures, ScatteredImageTokensAdapter):
         (the host's ``pack_image_features``), then spliced into this model's text."""
         if image_embeds is None:
             return super().pathway_inputs(batch, None)
-        weight = self.input_embeddings.weight
-        image_embeds = image_embeds.to(device=weight.device, dtype=weight.dtype)
+        return super().pathway_inputs(batch, self._packed(image_embeds, batch))
+
+    def placeholder_embeds(self, image_embeds: Tensor) -> Tensor:
+        """The placeholder image's crops packed with ``image_newline`` as an image's are: on a
+        rank without images, backward then reaches ``image_newline`` too."""
+        return self._packed(image_embeds, self.placeholder_images())
+
+    def _packed(self, image_embeds: Tensor, batch: dict) -> Tensor:
+        """``image_embeds`` [crops, P, H] packed per image of ``batch`` (its ``image_sizes``)."""
+        image_embeds = image_embeds.to(**placement(self.input_embeddings))
         per_image = image_embeds.split(self._crops_per_image(batch))
         newline = self.parts.image_newline
         # Used outside any module call, so ZeRO-3 never gathers it unless it is persistent.
@@ -127,4 +135,4 @@ class LlavaOnevisionAdapter(LlavaVisionFeatures, ScatteredImageTokensAdapter):
             image_newline=newline,
             vision_aspect_ratio=self.model.config.vision_aspect_ratio,
         )
-        return super().pathway_inputs(batch, packed)
+        return packed

@@ -514,8 +514,9 @@ def _pathway_inputs(
     and connector that made them, and nothing changes."""
     if not placeholder:
         return adapter.pathway_inputs(batch, embeds)
+    # Before the text: the calls (and ZeRO-3 gathers) in the order an image's pathway makes them.
+    zero = sum((part * 0).sum() for part in float_tensors(adapter.placeholder_embeds(embeds)))
     inputs = adapter.pathway_inputs(batch, None)
-    zero = sum((part * 0).sum() for part in float_tensors(embeds))
     inputs.inputs_embeds = inputs.inputs_embeds + zero.to(inputs.inputs_embeds)
     return inputs
 
