@@ -220,10 +220,13 @@ def _config(output_dir, **overrides) -> trl.DistillationConfig:
     return trl.DistillationConfig(**options)
 
 
-def _trainer(family: Family, config, processor=None, student=None, text_only=False, **switchkd):
+def _trainer(
+    family: Family, config, processor=None, student=None, text_only=False, wrap=None, **switchkd
+):
     """Switch-KD on TRL's DistillationTrainer: `student` (default: a copy of the family's), on
-    the family's image prompts or `text_only` ones."""
-    return switchkd_trainer_class(trl.DistillationTrainer)(
+    the family's image prompts or `text_only` ones; `wrap`: applied to the trainer class."""
+    trainer_class = switchkd_trainer_class(trl.DistillationTrainer)
+    return (wrap or (lambda cls: cls))(trainer_class)(
         model=student if student is not None else copy.deepcopy(family.student),
         teacher_model=family.teacher,
         args=config,
@@ -384,11 +387,12 @@ def test_tools_and_hand_built_classes_are_refused_by_name(family, tmp_path):
         by_hand(model=family.student, args=_config(tmp_path))
 
 
-@pytest.mark.parametrize("stage", [None, 3], ids=["ddp-2", "zero3-2"])
-def test_two_ranks_take_the_one_rank_step(family, tmp_path, stage):
-    """One prompt per rank (each generated alone, greedy), DDP or ZeRO-3 with the teacher
-    sharded: the step of one rank on both prompts. TRL's count of the window's completion
-    tokens is over every rank already; counting it again would change the step."""
+@pytest.mark.parametrize("layout", ["ddp", "zero3", "fsdp2"])
+def test_two_ranks_take_the_one_rank_step(family, tmp_path, layout):
+    """One prompt per rank (each generated alone, greedy), DDP, ZeRO-3 or FSDP2 (the student
+    sharded by the Trainer, the teacher by Switch-KD; TRL generates with the sharded student):
+    the step of one rank on both prompts. TRL's count of the window's completion tokens is
+    over every rank already; counting it again would change the step."""
     import os
     import subprocess
     import sys
@@ -398,18 +402,18 @@ def test_two_ranks_take_the_one_rank_step(family, tmp_path, stage):
 
     if family.name != "qwen2_5_vl":  # one family: the layouts do not depend on it (CI time)
         pytest.skip("the 2-rank DistillationTrainer layouts run on Qwen2.5-VL only")
-    if stage is not None and (not HAS_DEEPSPEED or OLD_ZERO3):
+    if layout == "zero3" and (not HAS_DEEPSPEED or OLD_ZERO3):
         pytest.skip("needs deepspeed with ZeRO-3 Switch-KD (pip install -e '.[deepspeed]')")
     one = _trainer(family, _config(tmp_path / "one"))
     one.train()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    config = ""
-    if stage is not None:
-        config = str(_deepspeed_config(stage, tmp_path))
+    argument = layout
+    if layout == "zero3":
+        argument = str(_deepspeed_config(3, tmp_path))
         env["PYTHONPATH"] = os.pathsep.join([str(NO_SHM), os.environ.get("PYTHONPATH", "")])
     worker = Path(__file__).with_name("_distillation_worker.py")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run([*launch, str(worker), str(tmp_path / "two"), config], env=env,
+    result = subprocess.run([*launch, str(worker), str(tmp_path / "two"), argument], env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     after = type(family.student).from_pretrained(tmp_path / "two").state_dict()

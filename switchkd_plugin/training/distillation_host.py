@@ -18,7 +18,6 @@ from torch import Tensor
 from switchkd_plugin.config import SwitchKDArguments
 from switchkd_plugin.constants import IGNORE_INDEX
 from switchkd_plugin.training.onpolicy import ONPOLICY_KEY, TOKEN_TYPE_KEYS, pad_rows
-from switchkd_plugin.training.setup import fsdp_requested
 from switchkd_plugin.training.trainer import SwitchKDTrainerMixin
 
 # TRL's per-micro-batch bookkeeping: tokens and masks the repacking replaces, counts and lists
@@ -112,11 +111,6 @@ def check_distillation_host(
         raise NotImplementedError(
             "tools= (tool-calling completions) with Switch-KD on trl.DistillationTrainer is not "
             "supported yet: tool responses would enter the completion unsupervised and unchecked"
-        )
-    if fsdp_requested(training_args):
-        raise NotImplementedError(
-            "Switch-KD on trl.DistillationTrainer under FSDP is not supported yet: use DDP or "
-            "DeepSpeed ZeRO-2/3"
         )
 
 
