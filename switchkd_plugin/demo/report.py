@@ -204,10 +204,18 @@ def _settings(config: DemoConfig, runs: Sequence[StudentRun]) -> str:
         if config.data_dir is None
         else f"pretrained {v.steps} steps without labels on the train images (masked patches)"
     )
+    tv = config.teacher_vision
+    teacher_vision = (
+        f"its vision encoder tuned at {tv.lr_scale}x that rate"
+        + (f" from step {tv.frozen_steps}" if tv.frozen_steps else "")
+        + " (the students start from the shared one)"
+        if tv.tuned
+        else "its vision encoder frozen"
+    )
     return (
         f"Shared vision encoder: {vision}; teacher and students start from it. Teacher: LM "
         f"{config.teacher.hidden_size}x{config.teacher.num_layers}, SFT {t.steps} steps, lr "
-        f"{t.learning_rate}. Students: LM {config.student.hidden_size}x"
+        f"{t.learning_rate}, {teacher_vision}. Students: LM {config.student.hidden_size}x"
         f"{config.student.num_layers}, {budget}, batch {s.batch_size}, lr {s.learning_rate}, "
         f"everything trained (sft_frozen_vision: all but the vision encoder), {start}.\n"
     )
