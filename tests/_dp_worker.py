@@ -27,6 +27,7 @@ from switchkd_plugin.testing import (
     teacher_spec,
 )
 from switchkd_plugin.testing.fsdp import fsdp_on_cpu
+from switchkd_plugin.testing.generation import eos_ending_first_early
 from switchkd_plugin.testing.ranks import leave_ranks
 from switchkd_plugin.testing.trainer import Batches, InOrderTrainer, make_trainer, split_batch
 from switchkd_plugin.training.trainer import SwitchKDTrainer
@@ -115,12 +116,9 @@ def _eos_ending_the_first_micro_batch_early(student, micro: list[dict], pad: int
             )  # fmt: skip
 
     student.eval()
-    first, other = responses(micro[0])[0].tolist(), set(responses(micro[1]).flatten().tolist())
+    first, others = responses(micro[0])[0].tolist(), responses(micro[1]).flatten().tolist()
     student.train()
-    for position, token in enumerate(first[: new - 1]):
-        if token not in first[:position] and token not in other:
-            return token
-    raise AssertionError(f"no token ends the first micro-batch alone: {first}, {other}")
+    return eos_ending_first_early(first, others, new)[0]
 
 
 def main(

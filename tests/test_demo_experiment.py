@@ -13,7 +13,7 @@ import torch
 import transformers
 from torch import nn
 
-from switchkd_plugin.demo.config import SMOKE_CONFIG, EarlyStopping, TrainSchedule
+from switchkd_plugin.demo.config import SMOKE_CONFIG, DemoConfig, EarlyStopping, TrainSchedule
 from switchkd_plugin.demo.evaluation import OVERALL
 from switchkd_plugin.demo.experiment import replicate
 from switchkd_plugin.demo.report import paired_gain, results_markdown, student_t_quantile
@@ -125,17 +125,24 @@ def test_best_checkpoint_stops_after_patience_and_restores_the_best_state() -> N
     assert torch.equal(model.weight, weights[20])
 
 
-def test_replicate_with_early_stopping_writes_every_output_and_resumes(tmp_path, capsys) -> None:
-    pytest.importorskip("matplotlib", reason="the plots need the demo extra: .[demo]")
-    config = dataclasses.replace(
+def _tiny_replication(student_steps: int, **overrides) -> DemoConfig:
+    """The smoke config on the HF LLaVA host, small enough for a replication in seconds."""
+    return dataclasses.replace(
         SMOKE_CONFIG,
         host="hf_llava",
         task=ShapesTaskConfig(num_train=64, num_val=16, num_test=24, seed=2, object_fraction=0.85),
         vision_schedule=TrainSchedule(steps=3, learning_rate=1e-3, batch_size=16),
         teacher_schedule=TrainSchedule(steps=3, learning_rate=1e-3, batch_size=4),
-        student_schedule=TrainSchedule(steps=8, learning_rate=1e-3, batch_size=4, logging_steps=2),
-        early_stopping=EarlyStopping(eval_every=2, patience=2),
+        student_schedule=TrainSchedule(
+            steps=student_steps, learning_rate=1e-3, batch_size=4, logging_steps=2
+        ),
+        **overrides,
     )
+
+
+def test_replicate_with_early_stopping_writes_every_output_and_resumes(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib", reason="the plots need the demo extra: .[demo]")
+    config = _tiny_replication(8, early_stopping=EarlyStopping(eval_every=2, patience=2))
     out = tmp_path / "results"
     variants = ["sft", "switchkd"]
 
@@ -193,14 +200,7 @@ def test_adding_the_onpolicy_variant_reuses_every_finished_run_and_trains_it_on_
     """The variant enters no cache key: a replication it joins reuses the vision encoder, the
     teacher and the other variants' runs; its students log on-policy micro-batches."""
     pytest.importorskip("matplotlib", reason="the plots need the demo extra: .[demo]")
-    config = dataclasses.replace(
-        SMOKE_CONFIG,
-        host="hf_llava",
-        task=ShapesTaskConfig(num_train=64, num_val=16, num_test=24, seed=2, object_fraction=0.85),
-        vision_schedule=TrainSchedule(steps=3, learning_rate=1e-3, batch_size=16),
-        teacher_schedule=TrainSchedule(steps=3, learning_rate=1e-3, batch_size=4),
-        student_schedule=TrainSchedule(steps=6, learning_rate=1e-3, batch_size=4, logging_steps=2),
-    )
+    config = _tiny_replication(6)
     before = replicate(config, tmp_path / "cache", tmp_path / "out", seeds=2, variants=["sft"])
     capsys.readouterr()
 

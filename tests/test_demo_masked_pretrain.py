@@ -22,6 +22,7 @@ from switchkd_plugin.demo.masked_pretrain import (
     token_contrast,
 )
 from switchkd_plugin.testing.tiny_models import build_tokenizer, teacher_spec
+from switchkd_plugin.testing.trainer import assert_only_changed_in
 
 TASK = ShapesTaskConfig(num_train=96, num_val=0, num_test=48, seed=5, object_fraction=0.85)
 
@@ -77,14 +78,7 @@ def test_pretraining_learns_to_reconstruct_and_touches_only_the_vision_encoder(i
     quality = reconstruction_quality(model, decoder, images, recipe)
     # Predicting grey everywhere explains 0; measured 0.5 (blanked) and 0.8 (visible).
     assert quality["blanked"] > 0.25 and quality["visible"] > 0.5, quality
-    vision_ids = {id(parameter) for parameter in adapter_for(model).vision_module.parameters()}
-    changed = {
-        name
-        for name, parameter in model.named_parameters()
-        if not torch.equal(parameter, before[name])
-    }
-    vision = {name for name, parameter in model.named_parameters() if id(parameter) in vision_ids}
-    assert changed and changed <= vision
+    assert_only_changed_in(model, before, adapter_for(model).vision_module)
 
 
 def test_pretraining_is_reproducible_from_its_seed(images) -> None:

@@ -31,6 +31,7 @@ from switchkd_plugin.demo.vision_pretrain import (
     pretrain_vision,
 )
 from switchkd_plugin.testing.tiny_models import build_tokenizer, teacher_spec
+from switchkd_plugin.testing.trainer import assert_only_changed_in
 
 TASK = ShapesTaskConfig(num_train=96, num_val=0, num_test=48, seed=5, object_fraction=0.85)
 
@@ -108,14 +109,7 @@ def test_pretraining_learns_the_cells_and_touches_only_the_vision_encoder(data) 
     trained = cell_accuracy(model, probe, train)
     assert trained["shape"] > untrained["shape"] + 0.2
     assert trained["colour"] > untrained["colour"] + 0.2
-    vision_ids = {id(parameter) for parameter in adapter_for(model).vision_module.parameters()}
-    changed = {
-        name
-        for name, parameter in model.named_parameters()
-        if not torch.equal(parameter, before[name])
-    }
-    vision = {name for name, parameter in model.named_parameters() if id(parameter) in vision_ids}
-    assert changed and changed <= vision
+    assert_only_changed_in(model, before, adapter_for(model).vision_module)
 
 
 def test_pretraining_is_reproducible_from_its_seed(data) -> None:

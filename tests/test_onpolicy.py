@@ -24,6 +24,7 @@ from switchkd_plugin.testing import (
     teacher_spec,
 )
 from switchkd_plugin.testing import qwen_vl as qwen
+from switchkd_plugin.testing.generation import eos_ending_first_early
 from switchkd_plugin.testing.trainer import assert_same_step, make_trainer
 from switchkd_plugin.training.onpolicy import (
     GenerationSettings,
@@ -128,12 +129,8 @@ def _eos_ending_one_sample_early(model, batch: dict, pad: int) -> tuple[int, int
     there and every other sample runs to `max_new_tokens`. Returns (token, sample 0's length).
     """
     free = _generated_alone(model, batch, eos=-1, pad=pad)  # no token is -1: no stop
-    others = {token for other in free[1:] for token in other.tolist()}
-    for position in range(MAX_NEW - 1):
-        candidate = int(free[0][position])
-        if candidate not in free[0][:position].tolist() and candidate not in others:
-            return candidate, position + 1
-    raise AssertionError(f"no token ends sample 0 alone in {free}: pick another seed")
+    others = (token for other in free[1:] for token in other.tolist())
+    return eos_ending_first_early(free[0].tolist(), others, MAX_NEW)
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -30,6 +30,7 @@ from switchkd_plugin.testing import (
     teacher_spec,
 )
 from switchkd_plugin.testing import qwen_vl as qwen
+from switchkd_plugin.testing.generation import eos_ending_first_early
 from switchkd_plugin.testing.trainer import assert_same_step, make_trainer
 from switchkd_plugin.training.distillation_host import completion_batch
 
@@ -243,11 +244,7 @@ def _eos_ending_sample_0_early(family: Family) -> int:
     """A token sample 0's greedy response reaches before `MAX_NEW` and sample 1's never
     contains: as an EOS, sample 0 stops there and sample 1 runs to `max_completion_length`."""
     free = _generated_alone(family, [family.tokenizer.eos_token_id], family.images)
-    first, other = free[0]["response"], set(free[1]["response"])
-    for position, token in enumerate(first[: MAX_NEW - 1]):
-        if token not in first[:position] and token not in other:
-            return token
-    raise AssertionError(f"no token ends sample 0 alone in {free}: pick other questions")
+    return eos_ending_first_early(free[0]["response"], free[1]["response"], MAX_NEW)[0]
 
 
 # ----------------------------------------------------------------------------- tests

@@ -147,3 +147,19 @@ def assert_same_step(
             name=name,
         )
     assert moved
+
+
+def assert_only_changed_in(
+    model: nn.Module, before: dict[str, torch.Tensor], part: nn.Module
+) -> None:
+    """Some parameter of `model` moved from `before` (a copy of its named parameters), and
+    every one that moved belongs to `part` (a submodule, e.g. the vision encoder)."""
+    inside = {id(parameter) for parameter in part.parameters()}
+    changed = {
+        name
+        for name, parameter in model.named_parameters()
+        if not torch.equal(parameter, before[name])
+    }
+    outside = {name for name, parameter in model.named_parameters() if id(parameter) not in inside}
+    assert changed, "no parameter moved"
+    assert not changed & outside, f"moved outside the part: {sorted(changed & outside)}"

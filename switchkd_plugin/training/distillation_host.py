@@ -149,10 +149,9 @@ class SwitchKDDistillationMixin(SwitchKDTrainerMixin, _HostTeacher):
         settings = switchkd_args or SwitchKDArguments()
         if settings.distill != "switchkd":  # TRL's own trainer, teacher and divergence
             self._host_teacher, teacher_model = teacher_model, None
-        elif isinstance(teacher_model, str):
-            settings = _with_teacher_path(settings, teacher_model)
-            teacher_model = None
-        if settings.distill == "switchkd":
+        else:
+            if isinstance(teacher_model, str):
+                settings, teacher_model = _with_teacher_path(settings, teacher_model), None
             check_distillation_host(settings, args, tools, kwargs.get("processing_class"))
         if tools is not None:
             kwargs["tools"] = tools
