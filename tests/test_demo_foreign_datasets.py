@@ -14,6 +14,7 @@ from switchkd_plugin.demo.data import check_dataset
 from switchkd_plugin.demo.foreign_datasets import TASKS, main, write_dataset
 
 SIZES = {"num_train": 48, "num_val": 8, "num_test": 24}
+SIZES_NAMES = ("train", "val", "test")
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -53,3 +54,14 @@ def test_the_writer_refuses_a_non_empty_directory_and_an_unknown_name(tmp_path: 
         main(["panels", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown dataset"):
         write_dataset("mnist", tmp_path / "new")
+
+
+def test_the_command_line_writes_the_sizes_asked_and_names_the_flag_when_too_many(
+    tmp_path: Path,
+) -> None:
+    main(["panels", str(tmp_path / "p"), "--num-train", "12", "--num-val", "4", "--num-test", "8"])
+    sizes = {s: len(json.loads((tmp_path / "p" / f"{s}.json").read_text())) for s in SIZES_NAMES}
+    assert sizes == {"train": 12, "val": 4, "test": 8}
+    # One sprite in 9 cells, 4 shapes, 4 colours, 4 offsets: 576 distinct "one" scenes.
+    with pytest.raises(ValueError, match="--num-test"):
+        main(["sprites", str(tmp_path / "s"), "--num-test", "12000", "--num-val", "0"])

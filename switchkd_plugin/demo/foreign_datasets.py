@@ -328,7 +328,11 @@ def write_dataset(
                 if key not in taken:
                     break
             else:
-                raise ValueError(f"{name}: no new {kind!r} sample with answer {answer!r}")
+                raise ValueError(
+                    f"{name}: no new {kind!r} sample with answer {answer!r} after {_MAX_TRIES} "
+                    f"draws: the task has too few distinct ones for {sizes[split]} {split} "
+                    f"samples; ask for fewer (--num-{split}) and write into a new directory"
+                )
             taken.add(key)
             sample_id = f"{split}-{i:05d}"
             image.save(out_dir / "images" / f"{sample_id}.png")
@@ -357,8 +361,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("name", choices=sorted(TASKS))
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    for split, default in (("train", 4000), ("val", 200), ("test", 400)):
+        parser.add_argument(
+            f"--num-{split}", type=int, default=default, help=f"{split} samples ({default})"
+        )
     args = parser.parse_args(argv)
-    print(write_dataset(args.name, args.out_dir, seed=args.seed))
+    sizes = {"num_train": args.num_train, "num_val": args.num_val, "num_test": args.num_test}
+    print(write_dataset(args.name, args.out_dir, seed=args.seed, **sizes))
 
 
 if __name__ == "__main__":
