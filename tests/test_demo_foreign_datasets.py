@@ -1,4 +1,4 @@
-"""The two datasets the demo was not made for (``demo/foreign_datasets.py``): written in the
+"""The datasets the demo was not made for (``demo/foreign_datasets.py``): written in the
 ``--data DIR`` layout, they pass its check, with their question types, balanced answers, and the
 same files from the same seed."""
 
@@ -9,9 +9,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from switchkd_plugin.demo.data import check_dataset
-from switchkd_plugin.demo.foreign_datasets import TASKS, main, write_dataset
+from switchkd_plugin.demo.foreign_datasets import (
+    SCATTER_BACKGROUND,
+    SCATTER_COLOURS,
+    TASKS,
+    main,
+    write_dataset,
+)
 
 SIZES = {"num_train": 48, "num_val": 8, "num_test": 24}
 SIZES_NAMES = ("train", "val", "test")
@@ -65,3 +72,41 @@ def test_the_command_line_writes_the_sizes_asked_and_names_the_flag_when_too_man
     # One sprite in 9 cells, 4 shapes, 4 colours, 4 offsets: 576 distinct "one" scenes.
     with pytest.raises(ValueError, match="--num-test"):
         main(["sprites", str(tmp_path / "s"), "--num-test", "12000", "--num-val", "0"])
+
+
+def _components(image: Image.Image, background: tuple[int, int, int]) -> int:
+    """Connected regions (4-neighbour) of pixels that are not ``background``."""
+    pixels, (width, height) = image.load(), image.size
+    seen: set[tuple[int, int]] = set()
+    regions = 0
+    for start in ((x, y) for y in range(height) for x in range(width)):
+        if start in seen or pixels[start] == background:
+            continue
+        regions += 1
+        stack = [start]
+        while stack:
+            x, y = stack.pop()
+            if (x, y) in seen or not (0 <= x < width and 0 <= y < height):
+                continue
+            if pixels[x, y] == background:
+                continue
+            seen.add((x, y))
+            stack += [(x + 1, y), (x - 1, y), (x, y + 1), (x, y - 1)]
+    return regions
+
+
+def test_scatter_answers_follow_from_the_pixels(tmp_path: Path) -> None:
+    root = write_dataset("scatter", tmp_path / "scatter", **SIZES)
+    checked = Counter()
+    for record in json.loads((root / "train.json").read_text()):
+        image = Image.open(root / "images" / record["image"]).convert("RGB")
+        answer, kind = record["conversations"][1]["value"], record["question_type"]
+        pixels = image.load()
+        colours = {pixels[x, y] for x in range(image.width) for y in range(image.height)}
+        if kind == "count":
+            count = ("one", "two", "three").index(answer) + 1
+            assert _components(image, SCATTER_BACKGROUND) == count, record
+        if kind == "colour":
+            assert SCATTER_COLOURS[answer] in colours, record
+        checked[kind] += 1
+    assert set(checked) == set(TASKS["scatter"]), checked

@@ -1,4 +1,4 @@
-"""Two datasets the demo was not made for, written in the ``--data DIR`` layout (``demo/data.py``).
+"""Three datasets the demo was not made for, in the ``--data DIR`` layout (``demo/data.py``).
 
 They check that the demo's recipe (label-free vision pretraining, teacher, students) holds on data
 unlike the generated shapes task, in shapes, layout and question types. Same size as that task
@@ -20,8 +20,17 @@ background.
 - ``letter``:    "which letter is at the bottom?"        l | t | x | h
 - ``match``:     "are the top and the bottom the same colour?"  yes | no
 
+``scatter``: 1-3 shapes (circle, square, triangle; 10 px) in four colours placed at any pixel
+of a grey image (not on a grid, so most straddle the encoder's 8 px patches): the generated
+task's kind of questions on a layout of its own.
+
+- ``colour``: "what colour is the square?"               red | green | blue | yellow
+- ``count``:  "how many shapes are there?"               one | two | three
+- ``side``:   "is the circle on the left or the right?"  left | right
+- ``exists``: "is there a triangle?"                     yes | no
+
 Reproducible from the seed; the splits (drawn test, val, train) share no identical image and
-question. ``python -m switchkd_plugin.demo.foreign_datasets {sprites,panels} OUT_DIR``.
+question. ``python -m switchkd_plugin.demo.foreign_datasets {sprites,panels,scatter} OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -283,7 +292,110 @@ PANELS_TASK: dict[str, QuestionType] = {
     "match": QuestionType(("yes", "no"), _panel_match),
 }
 
-TASKS: dict[str, dict[str, QuestionType]] = {"sprites": SPRITES_TASK, "panels": PANELS_TASK}
+# ------------------------------------------------------------------------------- scatter
+
+SCATTER_SHAPES = ("circle", "square", "triangle")
+SCATTER_COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 30),
+}
+SIDES = ("left", "right")
+SCATTER_BACKGROUND = (120, 120, 120)
+_ITEM = 10  # a shape's box; placed at any pixel, so most boxes straddle 8 px patches
+
+
+def _scatter_scene(
+    rng: random.Random, items: list[tuple[str, str]], side: str | None = None
+) -> tuple[Image.Image, tuple[Any, ...]]:
+    """Draw each (shape, colour) at a random place, boxes 1 px apart; the first one's centre
+    on ``side`` (at least 2 px off the middle) where given."""
+    for _ in range(_MAX_TRIES):  # whole layouts: one box placed early can leave no room
+        boxes = [
+            (rng.randint(1, IMAGE_SIZE - _ITEM - 1), rng.randint(1, IMAGE_SIZE - _ITEM - 1))
+            for _ in items
+        ]
+        centre = boxes[0][0] + _ITEM / 2
+        middle = IMAGE_SIZE / 2
+        on_side = side is None or (centre <= middle - 2 if side == "left" else centre >= middle + 2)
+        apart = all(
+            abs(a[0] - b[0]) > _ITEM or abs(a[1] - b[1]) > _ITEM
+            for k, a in enumerate(boxes)
+            for b in boxes[k + 1 :]
+        )
+        if on_side and apart:
+            break
+    else:
+        raise ValueError(f"no room for {len(items)} shapes of {_ITEM} px")
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), SCATTER_BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    last = _ITEM - 1
+    for (shape, colour), (x, y) in zip(items, boxes, strict=True):
+        fill = SCATTER_COLOURS[colour]
+        if shape == "circle":
+            draw.ellipse((x, y, x + last, y + last), fill=fill)
+        elif shape == "square":
+            draw.rectangle((x + 1, y + 1, x + last - 1, y + last - 1), fill=fill)
+        else:
+            draw.polygon([(x + last / 2, y), (x + last, y + last), (x, y + last)], fill=fill)
+    return image, tuple(sorted(zip(items, boxes, strict=True)))
+
+
+def _scatter_others(rng: random.Random, n: int, shapes: tuple[str, ...]) -> list[tuple[str, str]]:
+    return _others(rng, n, shapes, tuple(SCATTER_COLOURS))
+
+
+def _scatter_colour(rng: random.Random, answer: str) -> Sample:
+    shape = rng.choice(SCATTER_SHAPES)  # the only one of its kind
+    others = _scatter_others(rng, rng.randint(0, 2), _without(SCATTER_SHAPES, shape))
+    image, key = _scatter_scene(rng, [(shape, answer), *others])
+    question = f"what colour is the {shape}?"
+    return image, question, (key, question)
+
+
+def _scatter_count(rng: random.Random, answer: str) -> Sample:
+    count = ("one", "two", "three").index(answer) + 1
+    image, key = _scatter_scene(rng, _scatter_others(rng, count, SCATTER_SHAPES))
+    question = "how many shapes are there?"
+    return image, question, (key, question)
+
+
+def _scatter_side(rng: random.Random, answer: str) -> Sample:
+    shape = rng.choice(SCATTER_SHAPES)
+    others = _scatter_others(rng, rng.randint(0, 2), _without(SCATTER_SHAPES, shape))
+    items = [(shape, rng.choice(tuple(SCATTER_COLOURS))), *others]
+    image, key = _scatter_scene(rng, items, side=answer)
+    question = f"is the {shape} on the left or the right?"
+    return image, question, (key, question)
+
+
+def _scatter_exists(rng: random.Random, answer: str) -> Sample:
+    shape = rng.choice(SCATTER_SHAPES)
+    present = answer == "yes"
+    pool = SCATTER_SHAPES if present else _without(SCATTER_SHAPES, shape)
+    items = _scatter_others(rng, rng.randint(0, 2), pool)
+    if present:
+        items.insert(rng.randint(0, len(items)), (shape, rng.choice(tuple(SCATTER_COLOURS))))
+    elif not items:
+        items = _scatter_others(rng, 1, pool)
+    image, key = _scatter_scene(rng, items)
+    question = f"is there a {shape}?"
+    return image, question, (key, question)
+
+
+SCATTER_TASK: dict[str, QuestionType] = {
+    "colour": QuestionType(tuple(SCATTER_COLOURS), _scatter_colour),
+    "count": QuestionType(("one", "two", "three"), _scatter_count),
+    "side": QuestionType(SIDES, _scatter_side),
+    "exists": QuestionType(("yes", "no"), _scatter_exists),
+}
+
+TASKS: dict[str, dict[str, QuestionType]] = {
+    "sprites": SPRITES_TASK,
+    "panels": PANELS_TASK,
+    "scatter": SCATTER_TASK,
+}
 
 # --------------------------------------------------------------------------------- writer
 
