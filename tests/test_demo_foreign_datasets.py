@@ -19,9 +19,9 @@ from switchkd_plugin.demo.foreign_datasets import (
     main,
     write_dataset,
 )
+from switchkd_plugin.demo.shapes import SPLITS
 
 SIZES = {"num_train": 48, "num_val": 8, "num_test": 24}
-SIZES_NAMES = ("train", "val", "test")
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -67,7 +67,7 @@ def test_the_command_line_writes_the_sizes_asked_and_names_the_flag_when_too_man
     tmp_path: Path,
 ) -> None:
     main(["panels", str(tmp_path / "p"), "--num-train", "12", "--num-val", "4", "--num-test", "8"])
-    sizes = {s: len(json.loads((tmp_path / "p" / f"{s}.json").read_text())) for s in SIZES_NAMES}
+    sizes = {s: len(json.loads((tmp_path / "p" / f"{s}.json").read_text())) for s in SPLITS}
     assert sizes == {"train": 12, "val": 4, "test": 8}
     # One sprite in 9 cells, 4 shapes, 4 colours, 4 offsets: 576 distinct "one" scenes.
     with pytest.raises(ValueError, match="--num-test"):

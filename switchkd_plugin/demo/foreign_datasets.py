@@ -48,6 +48,7 @@ from PIL import Image, ImageDraw
 from switchkd_plugin.demo.shapes import SPLITS
 
 IMAGE_SIZE = 32
+DEFAULT_SIZES = {"train": 4000, "val": 200, "test": 400}  # the generated task's
 _GENERATION_ORDER = ("test", "val", "train")
 _MAX_TRIES = 1000
 
@@ -346,10 +347,18 @@ def _scatter_others(rng: random.Random, n: int, shapes: tuple[str, ...]) -> list
     return _others(rng, n, shapes, tuple(SCATTER_COLOURS))
 
 
-def _scatter_colour(rng: random.Random, answer: str) -> Sample:
-    shape = rng.choice(SCATTER_SHAPES)  # the only one of its kind
+def _alone_of_its_shape(
+    rng: random.Random, shape: str, colour: str | None = None
+) -> list[tuple[str, str]]:
+    """(``shape``, ``colour``; None: drawn after the others) first, then 0-2 shapes of other
+    kinds."""
     others = _scatter_others(rng, rng.randint(0, 2), _without(SCATTER_SHAPES, shape))
-    image, key = _scatter_scene(rng, [(shape, answer), *others])
+    return [(shape, colour or rng.choice(tuple(SCATTER_COLOURS))), *others]
+
+
+def _scatter_colour(rng: random.Random, answer: str) -> Sample:
+    shape = rng.choice(SCATTER_SHAPES)
+    image, key = _scatter_scene(rng, _alone_of_its_shape(rng, shape, answer))
     question = f"what colour is the {shape}?"
     return image, question, (key, question)
 
@@ -363,9 +372,7 @@ def _scatter_count(rng: random.Random, answer: str) -> Sample:
 
 def _scatter_side(rng: random.Random, answer: str) -> Sample:
     shape = rng.choice(SCATTER_SHAPES)
-    others = _scatter_others(rng, rng.randint(0, 2), _without(SCATTER_SHAPES, shape))
-    items = [(shape, rng.choice(tuple(SCATTER_COLOURS))), *others]
-    image, key = _scatter_scene(rng, items, side=answer)
+    image, key = _scatter_scene(rng, _alone_of_its_shape(rng, shape), side=answer)
     question = f"is the {shape} on the left or the right?"
     return image, question, (key, question)
 
@@ -416,9 +423,9 @@ def write_dataset(
     name: str,
     out_dir: Path,
     *,
-    num_train: int = 4000,
-    num_val: int = 200,
-    num_test: int = 400,
+    num_train: int = DEFAULT_SIZES["train"],
+    num_val: int = DEFAULT_SIZES["val"],
+    num_test: int = DEFAULT_SIZES["test"],
     seed: int = 0,
 ) -> Path:
     """Write dataset ``name`` (``TASKS``) to the empty or new directory ``out_dir``: images/,
@@ -473,12 +480,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("name", choices=sorted(TASKS))
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    for split, default in (("train", 4000), ("val", 200), ("test", 400)):
+    for split, default in DEFAULT_SIZES.items():
         parser.add_argument(
             f"--num-{split}", type=int, default=default, help=f"{split} samples ({default})"
         )
     args = parser.parse_args(argv)
-    sizes = {"num_train": args.num_train, "num_val": args.num_val, "num_test": args.num_test}
+    sizes = {f"num_{split}": getattr(args, f"num_{split}") for split in DEFAULT_SIZES}
     print(write_dataset(args.name, args.out_dir, seed=args.seed, **sizes))
 
 
